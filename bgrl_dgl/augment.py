@@ -1,0 +1,96 @@
+"""BGRL's graph augmentations: edge dropping and feature masking, one pair of rates per view.
+
+Random numbers are drawn on the device of the ``torch.Generator`` passed in and the resulting
+masks are moved to the device of the data. A CPU generator therefore gives the same
+augmentations whatever device the model runs on (masks cost one host-to-device copy of
+``E`` or ``F`` (``N * F`` in element mode) bools); a generator created on the data's device
+(``torch.Generator(device="cuda")``) avoids the copy. Seeding the generator makes a run
+reproducible for a given generator device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from .config import field
+
+if TYPE_CHECKING:
+    from .adjacency import Adjacency
+
+MaskMode = Literal["column", "element"]
+
+
+@dataclass
+class AugmentConfig:
+    edge_drop: list[float] = field([0.3, 0.2], "edge drop probabilities p_e1,p_e2 of the two views")
+    feature_mask: list[float] = field(
+        [0.3, 0.4], "feature mask probabilities p_f1,p_f2 of the two views")
+    mask_mode: MaskMode = field(
+        "column",
+        "column: zero the same random feature columns for every node of a view (BGRL paper); "
+        "element: mask every feature entry independently")
+    independent_views: bool = field(
+        False, "sample a separate neighbourhood for each view instead of sharing one")
+
+    def __post_init__(self) -> None:
+        for name in ("edge_drop", "feature_mask"):
+            rates = getattr(self, name)
+            if len(rates) != 2:
+                raise ValueError(f"{name} needs exactly 2 probabilities (one per view), got {len(rates)}")
+            for rate in rates:
+                if not 0.0 <= rate < 1.0:
+                    raise ValueError(f"{name} probabilities must lie in [0, 1), got {rate}")
+        if self.mask_mode not in ("column", "element"):
+            raise ValueError(f"mask_mode must be column or element, got {self.mask_mode!r}")
+
+    def view_rates(self, view: int) -> tuple[float, float]:
+        """(edge drop probability, feature mask probability) of view 0 or 1."""
+        return self.edge_drop[view], self.feature_mask[view]
+
+
+def _keep_mask(shape: tuple[int, ...], p: float, generator: torch.Generator,
+               device: torch.device) -> torch.Tensor:
+    """Bool tensor of ``shape`` on ``device``, each entry True with probability ``1 - p``."""
+    draws = torch.rand(shape, generator=generator, device=generator.device)
+    return (draws >= p).to(device)
+
+
+def drop_edges(adj: Adjacency, p: float, generator: torch.Generator) -> Adjacency:
+    """Remove each edge of ``adj`` independently with probability ``p``.
+
+    Node sets (``num_src``, ``num_dst``) are unchanged; ``p == 0`` returns ``adj`` itself.
+    """
+    if p == 0.0:
+        return adj
+    keep = _keep_mask((adj.indices.numel(),), p, generator, adj.indices.device)
+    return adj.keep_edges(keep)
+
+
+def mask_features(x: torch.Tensor, p: float, mode: MaskMode,
+                  generator: torch.Generator) -> torch.Tensor:
+    """Zero features of ``x`` [N, F] with probability ``p``; returns a new tensor.
+
+    ``mode="column"`` zeroes whole feature columns (one draw per column, shared by all rows);
+    ``mode="element"`` draws every entry independently. ``x`` is never modified; ``p == 0``
+    returns ``x`` itself.
+    """
+    if mode not in ("column", "element"):
+        raise ValueError(f"mask mode must be column or element, got {mode!r}")
+    if p == 0.0:
+        return x
+    shape = (x.shape[1],) if mode == "column" else tuple(x.shape)
+    keep = _keep_mask(shape, p, generator, x.device)
+    return x.masked_fill(~keep, 0)
+
+
+def augment_view(adjs: list[Adjacency], x: torch.Tensor, p_edge: float, p_feat: float,
+                 mode: MaskMode, generator: torch.Generator) -> tuple[list[Adjacency], torch.Tensor]:
+    """One augmented view: edges dropped in every block, then input features masked.
+
+    ``adjs`` are the blocks of a sampled neighbourhood (input layer first) and ``x``
+    [adjs[0].num_src, F] their input features.
+    """
+    dropped = [drop_edges(adj, p_edge, generator) for adj in adjs]
+    return dropped, mask_features(x, p_feat, mode, generator)

@@ -1,0 +1,137 @@
+"""Training checkpoints: atomic writes, pruning, safe loading and random-number-generator state.
+
+Checkpoints live in ``<run_dir>/checkpoints/step-<8 digits>.pt`` and hold only tensors and
+plain data, so they load with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import InputError
+
+CHECKPOINT_DIR = "checkpoints"
+_CHECKPOINT_NAME = re.compile(r"step-(\d{8,})\.pt")
+# How torch's weights-only unpickler names an object it will not build.
+_REFUSED_OBJECT = re.compile(r"(unsupported class|unrecognized function) \S+", re.IGNORECASE)
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / f"step-{step:08d}.pt"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint of ``run_dir``, oldest first."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = _CHECKPOINT_NAME.fullmatch(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """Path of the checkpoint with the highest step, or None when there is none."""
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run_dir: Path, state: dict, step: int, keep: int = 3) -> Path:
+    """Write ``state`` as the checkpoint of ``step`` and delete all but the newest ``keep``.
+
+    The file is written to a temporary name in the same directory, flushed to disk and renamed,
+    so a crash never leaves a partial checkpoint under a checkpoint name.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}")
+    path = checkpoint_path(run_dir, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    for _, old in list_checkpoints(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint` onto the CPU.
+
+    Only tensors and plain data are accepted; a missing, truncated or corrupt file, or one
+    holding any other object, raises ``InputError(path, problem)``.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise InputError(path, "checkpoint not found") from None
+    except IsADirectoryError:
+        raise InputError(path, "checkpoint is a directory, expected a file") from None
+    except Exception as err:  # a corrupt file can make the unpickler fail with any error type
+        refused = _REFUSED_OBJECT.search(str(err))
+        if isinstance(err, pickle.UnpicklingError) and refused:
+            raise InputError(path, "refusing to load a checkpoint holding objects other than "
+                                   f"tensors and plain data ({refused.group(0)})") from None
+        raise InputError(path, "corrupt or truncated checkpoint (not a readable torch file)") from None
+    if not isinstance(state, dict):
+        raise InputError(path, f"not a checkpoint: holds a {type(state).__name__}, expected a mapping")
+    return state
+
+
+def capture_rng() -> dict[str, Any]:
+    """State of Python's ``random``, NumPy's global generator, torch's CPU generator and every
+    CUDA device's generator (when CUDA is available), as tensors and plain data only."""
+    version, mt_state, gauss_next = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(mt_state), gauss_next],
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos),
+                  int(np_has_gauss), float(np_gauss)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Restore generators from :func:`capture_rng`'s output. CUDA states are restored for the
+    devices present (a run may resume on a machine with fewer or no GPUs)."""
+    version, mt_state, gauss_next = state["python"]
+    random.setstate((version, tuple(mt_state), gauss_next))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available():
+        for device, cuda_state in enumerate(state.get("cuda", [])[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)

@@ -1,0 +1,266 @@
+"""Seed batches, neighbour sampling and feature gathering for mini-batch training.
+
+A :class:`BatchLoader` yields :class:`SampledBatch` objects: for each batch of seed nodes, one
+(or, with independent views, two) stacks of DGL neighbour-sampled blocks converted to
+:class:`~bgrl_dgl.adjacency.Adjacency` tensors, plus the input features gathered from the
+memory-mapped store. Sampling and gathering run in DataLoader worker processes (started with
+``forkserver``: forking a process that already runs OpenMP and prefetch threads can deadlock),
+so they overlap with compute. Every batch is sampled from its own seed, derived from
+(run seed, epoch, batch index), so the batches do not depend on the number of workers and a
+resumed run sees exactly the batches an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+import dgl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .adjacency import Adjacency
+from .config import field
+from .errors import InputError
+from .store import GraphStore
+
+
+@dataclass
+class SamplingConfig:
+    fanouts: list[int] = field([10, 10], "neighbours sampled per layer, input layer first; -1 = all")
+    batch_size: int = field(256, "seed nodes per batch (per process)")
+    num_workers: int = field(1, "sampling worker processes (0 = sample in the training process)")
+    seeds: str = field("all", "seed nodes: 'all', 'split:NAME' (e.g. split:train) or a .npy file of ids")
+    graph_degrees: bool = field(True, "normalise GCN layers by whole-graph degrees, not sampled ones")
+
+    def __post_init__(self) -> None:
+        if not self.fanouts or any(f == 0 or f < -1 for f in self.fanouts):
+            raise ValueError("fanouts must be positive integers or -1 (all neighbours)")
+        if self.batch_size <= 0:
+            raise ValueError("batch_size must be positive")
+        if self.num_workers < 0:
+            raise ValueError("num_workers must be >= 0")
+
+
+@dataclass
+class SampledView:
+    """One sampled computation graph: ``adjs[0]`` consumes ``features``.
+
+    ``input_nodes``: [adjs[0].num_src] int64 store ids; ``features``: [adjs[0].num_src, F]
+    float32; ``adjs[-1].num_dst`` equals the number of seed nodes.
+    """
+
+    adjs: list[Adjacency]
+    input_nodes: torch.Tensor
+    features: torch.Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "SampledView":
+        return SampledView([a.to(device) for a in self.adjs], self.input_nodes,
+                           self.features.to(device, non_blocking=non_blocking))
+
+
+@dataclass
+class SampledBatch:
+    """Seed nodes [B] int64 and their two views (the same object twice unless independent)."""
+
+    seeds: torch.Tensor
+    views: tuple[SampledView, SampledView]
+    sample_s: float
+    gather_s: float
+
+
+def batch_rng_seed(seed: int, epoch: int, batch: int) -> int:
+    """A 31-bit seed (what ``dgl.seed`` accepts) for one batch, the same in every process."""
+    state = np.random.SeedSequence([seed, epoch, batch]).generate_state(1, dtype=np.uint32)
+    return int(state[0]) >> 1
+
+
+def epoch_permutation(num_seeds: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled order of seed positions in ``epoch``: [num_seeds] int64."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, 0x5EED]))
+    return rng.permutation(num_seeds)
+
+
+def resolve_seed_nodes(store: GraphStore, spec: str) -> np.ndarray:
+    """The training seed node ids [S] int64 named by ``spec`` ('all', 'split:NAME', file.npy)."""
+    if spec == "all":
+        ids = np.arange(store.num_nodes, dtype=np.int64)
+    elif spec.startswith("split:"):
+        ids = np.asarray(store.split(spec.removeprefix("split:")), dtype=np.int64)
+    else:
+        path = Path(spec)
+        try:
+            ids = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise InputError(path, f"cannot read seed ids ({err})") from None
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise InputError(path, "seed ids must be a 1-D integer array")
+        if ids.size and (ids.min() < 0 or ids.max() >= store.num_nodes):
+            raise InputError(path, f"seed ids must lie in [0, {store.num_nodes})")
+        ids = ids.astype(np.int64)
+    if ids.size == 0:
+        raise InputError(store.path if spec != "all" else None, f"no seed nodes in {spec!r}")
+    return ids
+
+
+@contextlib.contextmanager
+def one_omp_thread() -> Iterator[None]:
+    """Run DGL's sampling single-threaded: the OpenMP pool contends with compute threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+class NeighborBatchSampler:
+    """Samples the blocks of one seed batch from the store's graph and gathers features."""
+
+    def __init__(self, store: GraphStore, fanouts: list[int], graph_degrees: bool) -> None:
+        self.store = store
+        self.graph = store.graph
+        self.sampler = dgl.dataloading.NeighborSampler(list(fanouts))
+        self.degrees = _graph_degrees(store) if graph_degrees else None
+
+    def sample_view(self, seeds: torch.Tensor) -> tuple[SampledView, float, float]:
+        start = time.perf_counter()
+        input_nodes, _, blocks = self.sampler.sample_blocks(self.graph, seeds.to(self.graph.idtype))
+        adjs = [self._adjacency(block) for block in blocks]
+        sampled = time.perf_counter()
+        features = gather_features(self.store.features, input_nodes)
+        return SampledView(adjs, input_nodes.long(), features), sampled - start, time.perf_counter() - sampled
+
+    def _adjacency(self, block: dgl.DGLGraph) -> Adjacency:
+        adj = Adjacency.from_block(block)
+        if self.degrees is None:
+            return adj
+        src_ids = block.srcdata[dgl.NID].long()
+        dst_ids = block.dstdata[dgl.NID].long()
+        out_deg, in_deg = self.degrees
+        return adj.with_degrees(src_degree=out_deg[src_ids], dst_degree=in_deg[dst_ids])
+
+    def sample(self, seeds: torch.Tensor, rng_seed: int, independent: bool) -> SampledBatch:
+        dgl.seed(rng_seed)
+        first, sample_s, gather_s = self.sample_view(seeds)
+        second = first
+        if independent:
+            second, more_sample, more_gather = self.sample_view(seeds)
+            sample_s, gather_s = sample_s + more_sample, gather_s + more_gather
+        return SampledBatch(seeds, (first, second), sample_s, gather_s)
+
+
+def _graph_degrees(store: GraphStore) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out-degree, in-degree) of every node: [N] float32 each."""
+    in_deg = torch.from_numpy(store.in_degrees().astype(np.float32))
+    if store.symmetrized:
+        return in_deg, in_deg
+    return torch.from_numpy(out_degrees(store).astype(np.float32)), in_deg
+
+
+def out_degrees(store: GraphStore, chunk_edges: int = 1 << 26) -> np.ndarray:
+    """Out-degree of every node [N] int64, counted over ``indices`` in bounded chunks."""
+    counts = np.zeros(store.num_nodes, dtype=np.int64)
+    for start in range(0, store.num_edges, chunk_edges):
+        counts += np.bincount(store.indices[start:start + chunk_edges], minlength=store.num_nodes)
+    return counts
+
+
+def gather_features(features: np.ndarray, nodes: torch.Tensor) -> torch.Tensor:
+    """Rows ``nodes`` of the (memory-mapped) feature matrix as float32: [len(nodes), F].
+
+    Rows are read in ascending id order, which turns random reads of the mmap into a forward
+    scan, then put back in the requested order.
+    """
+    ids = nodes.numpy()
+    order = np.argsort(ids, kind="stable")
+    rows = np.empty((len(ids), features.shape[1]), dtype=np.float32)
+    rows[order] = features[ids[order]]
+    return torch.from_numpy(rows)
+
+
+class _RunBatches(Dataset):
+    """Item ``k`` is the batch of global step ``first_step + k``, sampled where it is asked for."""
+
+    def __init__(self, loader: "BatchLoader", first_step: int, last_step: int) -> None:
+        self.store_path = loader.store.path
+        self.config = loader.config
+        self.seed_nodes = loader.seed_nodes
+        self.seed = loader.seed
+        self.independent = loader.independent
+        self.positions = loader.batch_positions
+        self.steps_per_epoch = loader.steps_per_epoch
+        self.first_step = first_step
+        self.last_step = last_step
+        self._sampler: NeighborBatchSampler | None = None
+        self._epoch_order: tuple[int, list[np.ndarray]] | None = None
+
+    def __len__(self) -> int:
+        return self.last_step - self.first_step
+
+    def __getitem__(self, index: int) -> SampledBatch:
+        epoch, batch = divmod(self.first_step + index, self.steps_per_epoch)
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            self._epoch_order = (epoch, self.positions(epoch))
+        if self._sampler is None:
+            store = GraphStore.open(self.store_path, check="none")
+            self._sampler = NeighborBatchSampler(store, self.config.fanouts, self.config.graph_degrees)
+        seeds = torch.from_numpy(self.seed_nodes[self._epoch_order[1][batch]])
+        return self._sampler.sample(seeds, batch_rng_seed(self.seed, epoch, batch), self.independent)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_sampler": None, "_epoch_order": None}
+
+
+class BatchLoader:
+    """The batches of one process of ``world_size``, step after step across epochs.
+
+    Each epoch, the seed nodes are shuffled with the same seeded permutation on every rank and
+    cut into ``world_size * batch_size`` global batches; rank ``r`` takes slice ``r`` of every
+    global batch, so all ranks run the same number of steps and together cover each seed
+    once per epoch (the last, short global batch is split as evenly as possible).
+    """
+
+    def __init__(self, store: GraphStore, config: SamplingConfig, seed_nodes: np.ndarray, *,
+                 seed: int, independent_views: bool, rank: int = 0, world_size: int = 1) -> None:
+        if len(seed_nodes) < world_size:
+            raise InputError(store.path, f"{len(seed_nodes)} seed nodes cannot feed {world_size} processes")
+        self.store = store
+        self.config = config
+        self.seed_nodes = seed_nodes
+        self.seed = seed
+        self.independent = independent_views
+        self.rank = rank
+        self.world_size = world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        global_batch = self.config.batch_size * self.world_size
+        return -(-len(self.seed_nodes) // global_batch)
+
+    def batch_positions(self, epoch: int) -> list[np.ndarray]:
+        """This rank's positions into ``seed_nodes`` for every step of ``epoch``."""
+        perm = epoch_permutation(len(self.seed_nodes), self.seed, epoch)
+        global_batch = self.config.batch_size * self.world_size
+        return [np.array_split(perm[start:start + global_batch], self.world_size)[self.rank]
+                for start in range(0, len(perm), global_batch)]
+
+    def batches(self, first_step: int, last_step: int) -> Iterator[SampledBatch]:
+        """The batches of global steps ``first_step .. last_step - 1``, in order."""
+        dataset = _RunBatches(self, first_step, last_step)
+        if self.config.num_workers == 0:
+            with one_omp_thread():
+                for index in range(len(dataset)):
+                    yield dataset[index]
+            return
+        yield from DataLoader(
+            dataset, batch_size=None, shuffle=False, num_workers=self.config.num_workers,
+            multiprocessing_context="forkserver", prefetch_factor=4, worker_init_fn=_worker_init,
+        )
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)

@@ -1,0 +1,477 @@
+"""The on-disk graph store: a directory of plain ``.npy`` files described by ``meta.json``.
+
+Layout (format version 1)::
+
+    meta.json          counts, dtypes, flags, split names, node types, source, array table
+    indptr.npy         [N + 1] int32/int64   CSC offsets: in-neighbours of node v are
+    indices.npy        [E]     int32/int64   indices[indptr[v]:indptr[v + 1]], ascending
+    features.npy       [N, F]  float16/float32, row-major
+    labels.npy         [N]     int64, -1 = unlabeled               (optional)
+    split_<name>.npy   [k]     int64 node ids                      (one per split)
+    orig_ids.npy       [N]     int64 ids in the source's numbering (optional)
+
+indptr and indices share one index dtype: int32 unless N or E reaches 2**31. Every array is
+opened with ``mmap_mode='r'``, so opening a store costs a few page reads whatever its size.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import warnings
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Literal
+
+import numpy as np
+
+from .errors import InputError
+
+if TYPE_CHECKING:
+    import dgl
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+INT32_LIMIT = 2**31
+INDEX_DTYPES = ("int32", "int64")
+FEATURE_DTYPES = ("float16", "float32")
+SELF_LOOP_FLAGS = ("removed", "added", "kept")
+SPLIT_NAME = re.compile(r"[A-Za-z0-9_\-]+")
+REQUIRED_ARRAYS = ("indptr", "indices", "features")
+OPTIONAL_ARRAYS = ("labels", "orig_ids")
+# Elements per slice when a check or statistic streams through a whole array.
+SCAN_CHUNK = 1 << 22
+# Bytes reserved for the header of a .npy file written before its length is known.
+NPY_HEADER_BYTES = 128
+
+
+def split_array_name(name: str) -> str:
+    return f"split_{name}"
+
+
+def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """A version 1.0 .npy header of exactly NPY_HEADER_BYTES bytes for a C-order array."""
+    text = repr({"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                 "fortran_order": False, "shape": tuple(int(n) for n in shape)})
+    body = NPY_HEADER_BYTES - 10
+    if len(text) + 1 > body:
+        raise ValueError(f"shape {shape} does not fit a {NPY_HEADER_BYTES}-byte header")
+    return (np.lib.format.MAGIC_PREFIX + bytes([1, 0]) + struct.pack("<H", body)
+            + (text.ljust(body - 1) + "\n").encode("latin1"))
+
+
+class NpyWriter:
+    """Streams rows into a .npy file whose length is known only when it is closed.
+
+    The header slot is reserved up front and filled in by :meth:`close`, so rows go to disk
+    in order without ever holding the whole array.
+    """
+
+    def __init__(self, path: Path, dtype: np.dtype | str, row_shape: tuple[int, ...] = ()) -> None:
+        self.path = Path(path)
+        self.dtype = np.dtype(dtype)
+        self.row_shape = tuple(row_shape)
+        self.rows = 0
+        self._file = open(self.path, "wb")
+        self._file.write(b"\0" * NPY_HEADER_BYTES)
+
+    def append(self, rows: np.ndarray) -> None:
+        """Append ``rows``: [r, *row_shape], converted to the file's dtype."""
+        block = np.ascontiguousarray(rows, dtype=self.dtype)
+        if block.shape[1:] != self.row_shape:
+            raise ValueError(f"rows of shape {block.shape[1:]} appended to {self.path}, "
+                             f"expected {self.row_shape}")
+        self._file.write(memoryview(block.reshape(-1)).cast("B"))
+        self.rows += block.shape[0]
+
+    def close(self) -> dict[str, Any]:
+        """Write the header; return the file's entry for the ``arrays`` table of meta.json."""
+        shape = (self.rows, *self.row_shape)
+        self._file.seek(0)
+        self._file.write(npy_header(self.dtype, shape))
+        self._file.close()
+        return array_entry(self.path, shape, self.dtype)
+
+
+def array_entry(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> dict[str, Any]:
+    """The meta.json description of the .npy file at ``path``."""
+    return {"file": Path(path).name, "shape": [int(n) for n in shape],
+            "dtype": np.dtype(dtype).name, "bytes": os.path.getsize(path)}
+
+
+def save_array(directory: Path, name: str, array: np.ndarray) -> dict[str, Any]:
+    """np.save ``array`` as ``<name>.npy`` in ``directory``; return its meta.json entry."""
+    path = Path(directory) / f"{name}.npy"
+    np.save(path, np.ascontiguousarray(array), allow_pickle=False)
+    return array_entry(path, array.shape, array.dtype)
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """Parse ``path/meta.json`` and check its format version."""
+    meta_path = path / META_FILE
+    if not path.is_dir():
+        raise InputError(path, "no such store directory")
+    try:
+        text = meta_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(meta_path, "not found (not a graph store)") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(meta_path, f"unreadable ({err})") from None
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(meta_path, f"not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise InputError(meta_path, "expected a JSON object")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise InputError(meta_path, f"unknown format version {version}")
+    return meta
+
+
+def _meta_value(meta: dict, key: str, kind: type | tuple[type, ...], where: Path) -> Any:
+    if key not in meta:
+        raise InputError(where, f"missing key {key!r}")
+    value = meta[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise InputError(where, f"{key!r} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _meta_count(meta: dict, key: str, where: Path) -> int:
+    value = _meta_value(meta, key, int, where)
+    if value < 0:
+        raise InputError(where, f"{key!r} is negative")
+    return value
+
+
+def _meta_choice(meta: dict, key: str, choices: tuple[str, ...], where: Path) -> str:
+    value = _meta_value(meta, key, str, where)
+    if value not in choices:
+        raise InputError(where, f"{key!r} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def read_npy_header(file: Path) -> tuple[tuple[int, ...], np.dtype, bool, int]:
+    """(shape, dtype, fortran_order, data offset) from the header of a .npy file."""
+    try:
+        with open(file, "rb") as handle:
+            major, minor = np.lib.format.read_magic(handle)
+            if (major, minor) == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+            return shape, dtype, fortran, handle.tell()
+    except FileNotFoundError:
+        raise InputError(file, "missing") from None
+    except (ValueError, OSError, EOFError) as err:
+        raise InputError(file, f"not a valid .npy file ({err})") from None
+
+
+def _scan(length: int, chunk: int = SCAN_CHUNK) -> Iterator[tuple[int, int]]:
+    """[start, stop) slices covering range(length) in pieces of ``chunk``."""
+    for start in range(0, length, chunk):
+        yield start, min(start + chunk, length)
+
+
+class GraphStore:
+    """A graph store opened over memory maps (see the module docstring for the layout)."""
+
+    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+        self.path = path
+        self.meta = meta
+        self.meta_path = path / META_FILE
+        self._read_counts()
+        self._arrays = {name: self._open_array(name, spec) for name, spec in self._specs().items()}
+        self.indptr: np.ndarray = self._arrays["indptr"]
+        self.indices: np.ndarray = self._arrays["indices"]
+        self.features: np.ndarray = self._arrays["features"]
+        self.labels: np.ndarray | None = self._arrays.get("labels")
+        self.orig_ids: np.ndarray | None = self._arrays.get("orig_ids")
+
+    @classmethod
+    def open(cls, path: str | os.PathLike,
+             check: Literal["none", "cheap", "full"] = "cheap") -> "GraphStore":
+        """Open the store at ``path``; ``check`` picks how much of it to validate.
+
+        "cheap" reads headers and a few elements (milliseconds at any size); "full" also
+        streams through every index and label (see :meth:`validate`).
+        """
+        if check not in ("none", "cheap", "full"):
+            raise ValueError(f"unknown check level {check!r}")
+        path = Path(path)
+        store = cls(path, read_meta(path))
+        if check != "none":
+            store.validate(full=check == "full")
+        return store
+
+    # ---- meta.json --------------------------------------------------------------------
+    def _read_counts(self) -> None:
+        meta, where = self.meta, self.meta_path
+        self.num_nodes: int = _meta_count(meta, "num_nodes", where)
+        self.num_edges: int = _meta_count(meta, "num_edges", where)
+        self.feat_dim: int = _meta_count(meta, "feat_dim", where)
+        self.num_classes: int = _meta_count(meta, "num_classes", where)
+        self.index_dtype = np.dtype(_meta_choice(meta, "index_dtype", INDEX_DTYPES, where))
+        self.feat_dtype: np.dtype = np.dtype(_meta_choice(meta, "feat_dtype", FEATURE_DTYPES, where))
+        flags = _meta_value(meta, "flags", dict, where)
+        self.symmetrized: bool = _meta_value(flags, "symmetrized", bool, where)
+        self.self_loops: str = _meta_choice(flags, "self_loops", SELF_LOOP_FLAGS, where)
+        self.deduplicated: bool = _meta_value(flags, "deduplicated", bool, where)
+        names = _meta_value(meta, "splits", list, where)
+        if not all(isinstance(n, str) and SPLIT_NAME.fullmatch(n) for n in names):
+            raise InputError(where, f"bad split names {names}")
+        self._split_names: list[str] = list(names)
+        types = _meta_value(meta, "node_types", dict, where) if "node_types" in meta else {}
+        self.node_types: dict[str, tuple[int, int]] = self._read_node_types(types)
+
+    def _read_node_types(self, types: dict) -> dict[str, tuple[int, int]]:
+        ranges = {}
+        for name, bounds in types.items():
+            if (not isinstance(bounds, list) or len(bounds) != 2
+                    or not all(isinstance(b, int) and not isinstance(b, bool) for b in bounds)
+                    or not 0 <= bounds[0] <= bounds[1] <= self.num_nodes):
+                raise InputError(self.meta_path, f"node type {name!r} has a bad range {bounds}; "
+                                 f"expected [start, end] within [0, {self.num_nodes}]")
+            ranges[name] = (bounds[0], bounds[1])
+        ordered = sorted(ranges.values())
+        for (_, end), (start, _) in zip(ordered, ordered[1:]):
+            if start < end:
+                raise InputError(self.meta_path, "node type ranges overlap")
+        return ranges
+
+    def _expected_arrays(self) -> dict[str, tuple[tuple[int, ...] | None, np.dtype]]:
+        """Array name -> (shape, dtype) implied by the counts; shape None = any 1-D length."""
+        n, index = self.num_nodes, self.index_dtype
+        expected: dict[str, tuple[tuple[int, ...] | None, np.dtype]] = {
+            "indptr": ((n + 1,), index),
+            "indices": ((self.num_edges,), index),
+            "features": ((n, self.feat_dim), self.feat_dtype),
+            "labels": ((n,), np.dtype(np.int64)),
+            "orig_ids": ((n,), np.dtype(np.int64)),
+        }
+        for name in self._split_names:
+            expected[split_array_name(name)] = (None, np.dtype(np.int64))
+        return expected
+
+    def _specs(self) -> dict[str, dict[str, Any]]:
+        """The ``arrays`` table of meta.json, checked against the counts."""
+        arrays = _meta_value(self.meta, "arrays", dict, self.meta_path)
+        expected = self._expected_arrays()
+        required = [*REQUIRED_ARRAYS, *map(split_array_name, self._split_names)]
+        for name in required:
+            if name not in arrays:
+                raise InputError(self.meta_path, f"arrays table lacks {name!r}")
+        for name, spec in arrays.items():
+            if name not in expected:
+                raise InputError(self.meta_path, f"unknown array {name!r}")
+            self._check_spec(name, spec, *expected[name])
+        return arrays
+
+    def _check_spec(self, name: str, spec: Any, shape: tuple[int, ...] | None,
+                    dtype: np.dtype) -> None:
+        where = self.meta_path
+        if not isinstance(spec, dict):
+            raise InputError(where, f"arrays.{name} must be an object")
+        file = _meta_value(spec, "file", str, where)
+        if Path(file).name != file or not file.endswith(".npy"):
+            raise InputError(where, f"arrays.{name}.file must be a .npy file name, got {file!r}")
+        spec_shape = tuple(_meta_value(spec, "shape", list, where))
+        _meta_count(spec, "bytes", where)
+        if _meta_value(spec, "dtype", str, where) != dtype.name:
+            raise InputError(where, f"arrays.{name} has dtype {spec['dtype']}, expected {dtype.name}")
+        if shape is None and len(spec_shape) != 1 or shape is not None and spec_shape != shape:
+            wanted = "a 1-D shape" if shape is None else list(shape)
+            raise InputError(where, f"arrays.{name} has shape {list(spec_shape)}, expected {wanted}")
+
+    # ---- arrays ----------------------------------------------------------------------
+    def _open_array(self, name: str, spec: dict[str, Any]) -> np.ndarray:
+        """Memory-map one array after checking its file against its meta.json entry."""
+        file = self.path / spec["file"]
+        shape, dtype, fortran, offset = read_npy_header(file)
+        if dtype.name != spec["dtype"] or list(shape) != spec["shape"] or fortran:
+            order = " in Fortran order" if fortran else ""
+            raise InputError(file, f"holds {dtype.name} {list(shape)}{order}, but meta.json "
+                             f"says {spec['dtype']} {spec['shape']}")
+        found = os.path.getsize(file)
+        needed = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        for expected in (spec["bytes"], needed):
+            if found < expected:
+                raise InputError(file, f"truncated (expected {expected} bytes, found {found})")
+            if found != expected:
+                raise InputError(file, f"has {found} bytes, expected {expected}")
+        try:
+            return np.load(file, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:
+            raise InputError(file, f"not a valid .npy file ({err})") from None
+
+    def array_path(self, name: str) -> Path:
+        return self.path / self.meta["arrays"][name]["file"]
+
+    @property
+    def split_names(self) -> list[str]:
+        return list(self._split_names)
+
+    def split(self, name: str) -> np.ndarray:
+        """[k] int64 node ids of split ``name`` (a read-only memmap)."""
+        if name not in self._split_names:
+            available = ", ".join(self._split_names) or "none"
+            raise InputError(self.path, f"no split named {name!r} (available: {available})")
+        return self._arrays[split_array_name(name)]
+
+    @cached_property
+    def graph(self) -> "dgl.DGLGraph":
+        """The topology as a DGL graph over the memory maps: CSC only, nothing copied."""
+        import dgl
+        import torch
+
+        with warnings.catch_warnings():
+            # The maps are read-only; DGL and the samplers never write through them.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            indptr = torch.from_numpy(self.indptr)
+            indices = torch.from_numpy(self.indices)
+        return dgl.graph(("csc", (indptr, indices, [])), num_nodes=self.num_nodes)
+
+    def in_degrees(self) -> np.ndarray:
+        """[N] int64 in-degree of every node."""
+        return np.diff(self.indptr).astype(np.int64, copy=False)
+
+    # ---- validation ------------------------------------------------------------------
+    def validate(self, full: bool) -> None:
+        """Raise InputError naming the offending file on any inconsistency.
+
+        Always: counts, dtypes and shapes agree between meta.json and the file headers,
+        file sizes match, indptr[0] == 0 and indptr[-1] == num_edges. With ``full``, also
+        streams through the arrays in bounded slices: indptr is non-decreasing, indices lie
+        in [0, N) and ascend within each node (strictly when deduplicated), labels lie in
+        [-1, num_classes), split ids in [0, N).
+        """
+        self._check_cheap()
+        if full:
+            self._check_indptr_monotone()
+            self._check_indices()
+            self._check_labels()
+            for name in self._split_names:
+                self._check_node_ids(split_array_name(name))
+
+    def _check_cheap(self) -> None:
+        if self.index_dtype == np.int32 and max(self.num_nodes, self.num_edges) >= INT32_LIMIT:
+            raise InputError(self.meta_path, "int32 indices cannot address "
+                             f"{self.num_nodes} nodes and {self.num_edges} edges")
+        if self.labels is None and self.num_classes:
+            raise InputError(self.meta_path, f"num_classes is {self.num_classes} but there are no labels")
+        first, last = int(self.indptr[0]), int(self.indptr[-1])
+        if first != 0:
+            raise InputError(self.array_path("indptr"), f"starts at {first}, expected 0")
+        if last != self.num_edges:
+            raise InputError(self.array_path("indptr"),
+                             f"ends at {last}, expected num_edges = {self.num_edges}")
+
+    def _check_indptr_monotone(self) -> None:
+        for start, stop in _scan(self.num_nodes):
+            steps = np.diff(self.indptr[start:stop + 1])
+            bad = np.flatnonzero(steps < 0)
+            if bad.size:
+                raise InputError(self.array_path("indptr"), f"not monotone at node {start + bad[0]}")
+
+    def node_slices(self, max_edges: int = SCAN_CHUNK) -> Iterator[tuple[int, int]]:
+        """[v0, v1) node ranges whose in-edges number about ``max_edges`` (at least one node)."""
+        v0 = 0
+        while v0 < self.num_nodes:
+            target = int(self.indptr[v0]) + max_edges
+            v1 = int(np.searchsorted(self.indptr, target, side="right")) - 1
+            v1 = min(max(v1, v0 + 1), self.num_nodes)
+            yield v0, v1
+            v0 = v1
+
+    def _check_indices(self) -> None:
+        """indices in [0, N), ascending within each node, no repeats when deduplicated."""
+        file = self.array_path("indices")
+        for v0, v1 in self.node_slices():
+            offsets = np.asarray(self.indptr[v0:v1 + 1], dtype=np.int64)
+            base = offsets[0]
+            part = np.asarray(self.indices[base:offsets[-1]])
+            if part.size == 0:
+                continue
+            low, high = part.min(), part.max()
+            if low < 0 or high >= self.num_nodes:
+                position = base + np.flatnonzero((part < 0) | (part >= self.num_nodes))[0]
+                raise InputError(file, f"entry {position} is {self.indices[position]}, "
+                                 f"outside [0, {self.num_nodes})")
+            starts = offsets[:-1] - base
+            same_node = np.ones(part.size, dtype=bool)
+            same_node[starts[starts < part.size]] = False  # first edge of each node
+            steps = np.diff(part)
+            bad = (steps <= 0) if self.deduplicated else (steps < 0)
+            bad &= same_node[1:]
+            if bad.any():
+                position = base + 1 + int(np.flatnonzero(bad)[0])
+                node = int(np.searchsorted(self.indptr[v0:v1 + 1], position, side="right")) - 1 + v0
+                problem = "repeated" if self.deduplicated and steps[position - base - 1] == 0 else "not sorted"
+                raise InputError(file, f"in-neighbours of node {node} are {problem} "
+                                 f"(entry {position})")
+
+    def _check_labels(self) -> None:
+        if self.labels is None:
+            return
+        for start, stop in _scan(self.num_nodes):
+            part = self.labels[start:stop]
+            bad = np.flatnonzero((part < -1) | (part >= self.num_classes))
+            if bad.size:
+                raise InputError(self.array_path("labels"),
+                                 f"label {part[bad[0]]} of node {start + bad[0]} is outside "
+                                 f"[-1, {self.num_classes})")
+
+    def _check_node_ids(self, name: str) -> None:
+        ids = self._arrays[name]
+        for start, stop in _scan(len(ids)):
+            part = ids[start:stop]
+            bad = np.flatnonzero((part < 0) | (part >= self.num_nodes))
+            if bad.size:
+                raise InputError(self.array_path(name), f"entry {start + bad[0]} is node id "
+                                 f"{part[bad[0]]}, outside [0, {self.num_nodes})")
+
+    # ---- description -----------------------------------------------------------------
+    def in_degree_stats(self) -> dict[str, float]:
+        """{min, mean, max} in-degree, streamed through indptr in slices."""
+        if self.num_nodes == 0:
+            return {"min": 0, "mean": 0.0, "max": 0}
+        low, high = None, None
+        for start, stop in _scan(self.num_nodes):
+            steps = np.diff(self.indptr[start:stop + 1])
+            low = steps.min() if low is None else min(low, steps.min())
+            high = steps.max() if high is None else max(high, steps.max())
+        return {"min": int(low), "mean": self.num_edges / self.num_nodes, "max": int(high)}
+
+    def store_bytes(self) -> int:
+        """Bytes on disk: every array file plus meta.json."""
+        return self.meta_path.stat().st_size + sum(
+            spec["bytes"] for spec in self.meta["arrays"].values())
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready description of the store (what ``bgrl-dgl info`` prints)."""
+        summary: dict[str, Any] = {
+            "path": str(self.path),
+            "num_nodes": self.num_nodes,
+            "num_edges": self.num_edges,
+            "feat_dim": self.feat_dim,
+            "feat_dtype": self.feat_dtype.name,
+            "num_classes": self.num_classes,
+            "has_labels": self.labels is not None,
+            "splits": {name: len(self.split(name)) for name in self._split_names},
+            "symmetrized": self.symmetrized,
+            "self_loops": self.self_loops,
+            "deduplicated": self.deduplicated,
+            "index_dtype": self.index_dtype.name,
+            "in_degree": self.in_degree_stats(),
+            "store_bytes": self.store_bytes(),
+        }
+        if self.node_types:
+            summary["node_types"] = {name: list(r) for name, r in self.node_types.items()}
+        source = self.meta.get("source")
+        if isinstance(source, dict) and source.get("name"):
+            summary["source"] = source["name"]
+        if "created" in self.meta:
+            summary["created"] = self.meta["created"]
+        return summary

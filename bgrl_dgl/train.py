@@ -1,0 +1,326 @@
+"""BGRL training: configuration, the training loop and the ``train`` command.
+
+One :class:`Trainer` owns the model (online encoder + predictor + EMA target), optimizer,
+learning-rate schedule and the batch loader; :meth:`Trainer.fit` runs steps until the run's
+last step, writing metrics, checkpoints and the progress bar. A run is fully determined by
+its configuration and seed: batches, augmentations and initial weights are drawn from seeds
+derived from (seed, step), so ``--resume`` continues exactly where a run stopped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import config as cfg
+from .augment import AugmentConfig, augment_view
+from .bgrl import BGRL, cosine_tau, embedding_std
+from .checkpoint import capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from .config import field
+from .errors import InputError
+from .model import Encoder, ModelConfig, Predictor
+from .sampling import BatchLoader, SampledBatch, SamplingConfig, resolve_seed_nodes
+from .store import GraphStore
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = field(50, "passes over the seed nodes")
+    max_steps: int | None = field(None, "stop after this many steps (overrides --epochs)")
+    lr: float = field(1e-3, "peak AdamW learning rate")
+    weight_decay: float = field(1e-5, "AdamW weight decay")
+    warmup_steps: int = field(50, "linear learning-rate warm-up steps, then cosine decay to 0")
+    tau_base: float = field(0.99, "initial EMA momentum of the target; cosine-scheduled to 1.0")
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0 or (self.max_steps is not None and self.max_steps <= 0):
+            raise ValueError("epochs and max_steps must be positive")
+        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ValueError("lr must be positive; weight_decay and warmup_steps non-negative")
+        if not 0.0 <= self.tau_base <= 1.0:
+            raise ValueError("tau_base must lie in [0, 1]")
+
+
+@dataclass
+class RunConfig:
+    seed: int = field(0, "seed of weights, batches and augmentations")
+    device: Literal["auto", "cpu", "cuda"] = field("auto", "where the model runs (auto: cuda if available)")
+    checkpoint_every: int = field(500, "steps between checkpoints (one is always written at the end)")
+    log_every: int = field(10, "steps between lines of metrics.jsonl")
+    collapse_ratio: float = field(
+        0.1, "warn when the embedding std falls below this fraction of 1/sqrt(dim)")
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every <= 0 or self.log_every <= 0:
+            raise ValueError("checkpoint_every and log_every must be positive")
+
+
+@dataclass
+class TrainConfig:
+    sampling: SamplingConfig
+    augment: AugmentConfig
+    model: ModelConfig
+    optim: OptimConfig
+    run: RunConfig
+
+    @classmethod
+    def defaults(cls) -> "TrainConfig":
+        return cfg.from_sections(cls)
+
+    @classmethod
+    def from_plain(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
+        return cfg.from_sections(cls, data, source=source)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Multiplier of the peak learning rate: linear warm-up, then cosine decay to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(total_steps - warmup_steps, 1)
+    progress = min((step - warmup_steps) / decay_steps, 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError(None, "--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The CPU generator of the augmentations of one step."""
+    state = np.random.SeedSequence([seed, step, 0xA06]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def build_model(feat_dim: int, config: ModelConfig, seed: int) -> BGRL:
+    """Online encoder, predictor and target, initialised from ``seed``."""
+    torch.manual_seed(seed)
+    encoder = Encoder(feat_dim, config)
+    return BGRL(encoder, Predictor(encoder.out_dim, config.predictor_hidden))
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag checked between steps (checkpoint, then exit 0)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """Mini-batch BGRL on one process (the distributed layer wraps this)."""
+
+    def __init__(self, config: TrainConfig, store: GraphStore, run_dir: Path,
+                 device: torch.device, rank: int = 0, world_size: int = 1) -> None:
+        self.config = config
+        self.store = store
+        self.run_dir = run_dir
+        self.device = device
+        self.is_main = rank == 0
+        seed_nodes = resolve_seed_nodes(store, config.sampling.seeds)
+        self.loader = BatchLoader(store, config.sampling, seed_nodes, seed=config.run.seed,
+                                  independent_views=config.augment.independent_views,
+                                  rank=rank, world_size=world_size)
+        self.total_steps = config.optim.max_steps or config.optim.epochs * self.loader.steps_per_epoch
+        self.model = build_model(store.feat_dim, config.model, config.run.seed).to(device)
+        self.optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=config.optim.lr,
+                                           weight_decay=config.optim.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: lr_factor(step, config.optim.warmup_steps, self.total_steps))
+        self.step = 0
+        self._collapse_warned = False
+
+    # -- one step -------------------------------------------------------------------------
+    def views(self, batch: SampledBatch) -> tuple[tuple, tuple]:
+        """The two augmented views of a batch, on the training device."""
+        generator = step_generator(self.config.run.seed, self.step)
+        non_blocking = self.device.type == "cuda"
+        augmented = []
+        for index, view in enumerate(batch.views):
+            view = view.to(self.device, non_blocking=non_blocking)
+            p_edge, p_feat = self.config.augment.view_rates(index)
+            augmented.append(augment_view(view.adjs, view.features, p_edge, p_feat,
+                                          self.config.augment.mask_mode, generator))
+        return augmented[0], augmented[1]
+
+    def train_step(self, batch: SampledBatch) -> dict[str, float]:
+        """One optimizer step and EMA update; returns the step's metrics."""
+        start = time.perf_counter()
+        view1, view2 = self.views(batch)
+        loss, online_h = self.model.loss(view1, view2)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        tau = cosine_tau(self.step + 1, self.total_steps, self.config.optim.tau_base)
+        self.model.update_target(tau)
+        metrics = {
+            "loss": float(loss.detach()),
+            "lr": lr,
+            "tau": tau,
+            "embedding_std": embedding_std(online_h),
+            "sample_s": batch.sample_s,
+            "features_s": batch.gather_s,
+            "compute_s": time.perf_counter() - start,
+        }
+        self.step += 1
+        return metrics
+
+    # -- the loop -------------------------------------------------------------------------
+    def fit(self) -> dict[str, float]:
+        """Train until the last step (or a stop signal); returns the last step's metrics."""
+        steps_per_epoch = self.loader.steps_per_epoch
+        metrics: dict[str, float] = {}
+        with StopRequest() as stop, tqdm(total=self.total_steps, initial=self.step,
+                                         disable=None if self.is_main else True,
+                                         dynamic_ncols=True, desc="train") as bar:
+            waited = time.perf_counter()
+            for batch in self.loader.batches(self.step, self.total_steps):
+                wait_s = time.perf_counter() - waited
+                metrics = self.train_step(batch)
+                seeds_per_s = len(batch.seeds) / (wait_s + metrics["compute_s"])
+                metrics.update(step=self.step, epoch=(self.step - 1) // steps_per_epoch,
+                               seeds_per_s=seeds_per_s, wait_s=wait_s)
+                self._watch_collapse(metrics["embedding_std"])
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                                tau=f"{metrics['tau']:.4f}", seeds_s=f"{seeds_per_s:.0f}")
+                last = self.step == self.total_steps
+                if self.step % self.config.run.log_every == 0 or last or stop.requested:
+                    self.log_metrics(metrics)
+                if self.step % self.config.run.checkpoint_every == 0 or last or stop.requested:
+                    self.save()
+                if stop.requested:
+                    print(f"stopped at step {self.step}; checkpoint written, resume with --resume",
+                          file=sys.stderr)
+                    break
+                waited = time.perf_counter()
+        return metrics
+
+    def _watch_collapse(self, std: float) -> None:
+        threshold = self.config.run.collapse_ratio / math.sqrt(self.model.online.out_dim)
+        if std < threshold and not self._collapse_warned:
+            warnings.warn(f"embedding std {std:.2e} fell below {threshold:.2e} at step "
+                          f"{self.step}: the representation may be collapsing", stacklevel=2)
+            self._collapse_warned = True
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        if not self.is_main:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(metrics) + "\n")
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "epoch": self.step // self.loader.steps_per_epoch,
+            "rng": capture_rng(),
+            "config": cfg.to_dict(self.config),
+            "feat_dim": self.store.feat_dim,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        restore_rng(state["rng"])
+
+    def save(self) -> Path | None:
+        if not self.is_main:
+            return None
+        return save_checkpoint(self.run_dir, self.state(), self.step)
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop metric lines after ``last_step`` (written after the checkpoint a run resumes from)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)
+
+
+def prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
+    """Create ``run_dir``; return the checkpoint to resume from, if any."""
+    checkpoint = latest_checkpoint(run_dir) if run_dir.exists() else None
+    if checkpoint is not None and not resume:
+        raise InputError(run_dir, "already holds a run; pass --resume to continue it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return checkpoint
+
+
+def train(data: str | Path, run_dir: str | Path, config: TrainConfig, *, resume: bool = False,
+          rank: int = 0, world_size: int = 1) -> dict[str, float]:
+    """Train BGRL on the store at ``data``, writing into ``run_dir``; returns final metrics."""
+    run_dir = Path(run_dir)
+    store = GraphStore.open(data)
+    checkpoint = prepare_run_dir(run_dir, resume)
+    state = load_checkpoint(checkpoint) if checkpoint is not None else None
+    trainer = Trainer(config, store, run_dir, resolve_device(config.run.device), rank, world_size)
+    if state is not None:
+        trainer.load_state(state)
+    if trainer.is_main:
+        cfg.save_yaml(cfg.to_dict(config), run_dir / "config.yaml")
+        cfg.save_yaml({"data": str(Path(data).resolve()), "feat_dim": store.feat_dim,
+                       "num_nodes": store.num_nodes}, run_dir / "run.yaml")
+        truncate_metrics(run_dir / "metrics.jsonl", trainer.step)
+    if trainer.step >= trainer.total_steps:
+        return {}
+    return trainer.fit()
+
+
+def load_run_config(run_dir: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
+    """The resolved config of a run and its run.yaml (data path, feature dim, node count)."""
+    run_dir = Path(run_dir)
+    config = TrainConfig.from_plain(cfg.load_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml"))
+    return config, cfg.load_yaml(run_dir / "run.yaml")
+
+
+def load_encoder(run_dir: str | Path, which: Literal["online", "target", "random"] = "online") -> Encoder:
+    """An encoder of a run: the online or target encoder of its newest checkpoint, or the
+    encoder as initialised before training (``random``, the baseline of the linear probe)."""
+    config, info = load_run_config(run_dir)
+    model = build_model(int(info["feat_dim"]), config.model, config.run.seed)
+    if which != "random":
+        checkpoint = latest_checkpoint(Path(run_dir))
+        if checkpoint is None:
+            raise InputError(run_dir, "holds no checkpoint")
+        model.load_state_dict(load_checkpoint(checkpoint)["model"])
+    encoder = model.target if which == "target" else model.online
+    return encoder.eval()

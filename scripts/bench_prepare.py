@@ -1,0 +1,131 @@
+"""Benchmark ``bgrl-dgl prepare synthetic``: throughput, wall time, peak anonymous memory and
+store size.
+
+Runs ``python -m bgrl_dgl prepare synthetic`` in a subprocess under ``memwatch`` (peak
+``RssAnon`` of the process and its children; the memory-mapped store's file pages are not
+counted). By default: 10M nodes, average degree 10 (100M *input* edges, i.e. edges generated
+before symmetrization, self-loop removal and dedup), 128-d float16 features. Throughput is
+input edges per second of total wall time (features, labels and splits included).
+
+The last line printed is one JSON object with ``edges_per_s``, ``wall_s``, ``peak_anon_gb``
+(GiB, 2**30 bytes), ``store_gb`` (GiB) and details. ``--time-generator`` also times the
+synthetic generator alone, in this process, to show how the time splits between generating
+and building.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from memwatch import GIB, measure_command
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-nodes", type=int, default=10_000_000)
+    parser.add_argument("--avg-degree", type=float, default=10.0,
+                        help="input edges per node (default: 10)")
+    parser.add_argument("--feat-dim", type=int, default=128)
+    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--feature-dtype", choices=["float16", "float32"], default="float16")
+    parser.add_argument("--memory-budget", default="2GB",
+                        help="--memory-budget passed to prepare (default: 2GB)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path,
+                        help="store directory to write and keep (default: a temporary one)")
+    parser.add_argument("--time-generator", action="store_true",
+                        help="also time the synthetic generator alone (edges, then features)")
+    return parser.parse_args(argv)
+
+
+def prepare_command(args: argparse.Namespace, out: Path) -> list[str]:
+    return [sys.executable, "-m", "bgrl_dgl", "prepare", "synthetic", "--out", str(out),
+            "--overwrite", "--num-nodes", str(args.num_nodes),
+            "--avg-degree", str(args.avg_degree), "--feat-dim", str(args.feat_dim),
+            "--num-classes", str(args.num_classes), "--feature-dtype", args.feature_dtype,
+            "--memory-budget", args.memory_budget, "--seed", str(args.seed)]
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def time_generator(args: argparse.Namespace) -> dict[str, float]:
+    """Seconds to generate all input edges, and all features, without storing them."""
+    sys.path.insert(0, str(REPO))
+    from bgrl_dgl.sources import synthetic
+
+    opts = synthetic.Options.from_args(argparse.Namespace(
+        num_nodes=args.num_nodes, avg_degree=args.avg_degree, feat_dim=args.feat_dim,
+        num_classes=args.num_classes, homophily=0.8, feature_noise=1.5, degree_exponent=2.5,
+        label_fraction=1.0, seed=args.seed))
+    start = time.perf_counter()
+    layout = synthetic.ClassLayout.plant(opts)
+    for _ in synthetic.edge_chunks(opts, layout):
+        pass
+    edges_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in synthetic.feature_chunks(opts, layout.labels()):
+        pass
+    return {"generator_edges_s": edges_s, "generator_edges_per_s": opts.num_edges / edges_s,
+            "generator_features_s": time.perf_counter() - start}
+
+
+def run(args: argparse.Namespace, out: Path) -> dict:
+    command = prepare_command(args, out)
+    print("running:", " ".join(command), flush=True)
+    result = measure_command(command, cwd=REPO, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        sys.exit(f"{result.stderr}prepare failed with exit code {result.returncode}")
+    meta = json.loads((out / "meta.json").read_text())
+    input_edges = round(args.num_nodes * args.avg_degree)
+    report = {
+        "edges_per_s": input_edges / result.wall_s,
+        "wall_s": result.wall_s,
+        "peak_anon_gb": result.peak_anon_gib,
+        "store_gb": directory_bytes(out) / GIB,
+        "num_nodes": args.num_nodes,
+        "num_edges_input": input_edges,
+        "num_edges_stored": meta["num_edges"],
+        "feat_dim": args.feat_dim,
+        "feat_dtype": meta["feat_dtype"],
+        "memory_budget": args.memory_budget,
+    }
+    print(f"input edges generated: {input_edges:,} ({args.num_nodes:,} nodes x average degree "
+          f"{args.avg_degree:g}, before symmetrization, self-loop removal and dedup)")
+    print(f"edges stored: {meta['num_edges']:,} (CSC, after symmetrization, self-loop removal "
+          f"and dedup)")
+    print(f"wall time: {result.wall_s:.1f} s")
+    print(f"throughput: {report['edges_per_s'] / 1e6:.2f}M input edges/s")
+    print(f"peak anonymous memory: {result.peak_anon_gib:.2f} GiB (prepare and its children)")
+    print(f"store size: {report['store_gb']:.2f} GiB")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.out is not None:
+        report = run(args, args.out)
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench-prepare-") as tmp:
+            report = run(args, Path(tmp) / "store")
+    if args.time_generator:
+        timings = time_generator(args)
+        print(f"generator alone: edges {timings['generator_edges_s']:.1f} s "
+              f"({timings['generator_edges_per_s'] / 1e6:.2f}M edges/s), "
+              f"features {timings['generator_features_s']:.1f} s")
+        report.update(timings)
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
