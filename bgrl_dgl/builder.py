@@ -24,8 +24,9 @@ from .store import (FORMAT_VERSION, INT32_LIMIT, META_FILE, SPLIT_NAME, GraphSto
                     save_array, split_array_name)
 
 PID_FILE = "writer.pid"
-FEATURE_DTYPES = {"keep": None, "float16": np.dtype(np.float16), "float32": np.dtype(np.float32)}
-SELF_LOOP_FLAGS = {"keep": "kept", "remove": "removed", "add": "added"}
+FEATURE_DTYPE_CHOICES = {"keep": None, "float16": np.dtype(np.float16),
+                         "float32": np.dtype(np.float32)}
+SELF_LOOP_FLAG = {"keep": "kept", "remove": "removed", "add": "added"}
 # Share of the memory budget one chunk of input rows may take (the rest: conversions, the
 # consumer's own working set, and the next chunk being read).
 ROW_CHUNK_SHARE = 16
@@ -81,7 +82,8 @@ def converted_features(block: np.ndarray, dtype: np.dtype, first_row: int,
     """``block`` [r, F] as ``dtype``; InputError for NaN, inf, or overflow of float16."""
     if block.dtype.kind == "f":
         _check_finite(block, first_row, source_path, "non-finite feature value")
-    out = block.astype(dtype, copy=False)
+    with np.errstate(over="ignore"):  # overflow to inf is reported just below
+        out = block.astype(dtype, copy=False)
     if dtype == np.float16 and block.dtype != np.float16 and block.dtype.kind != "b":
         _check_finite(out, first_row, source_path, "feature value too large for float16")
     return out
@@ -115,15 +117,15 @@ class StoreWriter:
     def __init__(self, out: str | os.PathLike, *, overwrite: bool = False,
                  memory_budget: int = 4 << 30, feature_dtype: str = "keep",
                  source: dict | None = None) -> None:
-        if feature_dtype not in FEATURE_DTYPES:
-            raise InputError(None, f"feature dtype must be one of {', '.join(FEATURE_DTYPES)}, "
-                             f"got {feature_dtype!r}")
+        if feature_dtype not in FEATURE_DTYPE_CHOICES:
+            choices = ", ".join(FEATURE_DTYPE_CHOICES)
+            raise InputError(None, f"feature dtype must be one of {choices}, got {feature_dtype!r}")
         if memory_budget <= 0:
             raise InputError(None, f"memory budget must be positive, got {memory_budget}")
         self.out = Path(out)
         self.overwrite = overwrite
         self.memory_budget = int(memory_budget)
-        self.feature_dtype = FEATURE_DTYPES[feature_dtype]
+        self.feature_dtype = FEATURE_DTYPE_CHOICES[feature_dtype]
         self.source = source or {"name": None, "params": {}}
         check_target(self.out, overwrite)
         self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -174,9 +176,10 @@ class StoreWriter:
         """
         if self._topology is not None:
             raise RuntimeError("the topology was already written")
-        if self_loops not in SELF_LOOP_FLAGS:
+        if self_loops not in SELF_LOOP_FLAG:
             raise InputError(None, f"self-loops must be keep, remove or add, got {self_loops!r}")
-        if isinstance(num_nodes, bool) or not isinstance(num_nodes, (int, np.integer)) or num_nodes < 0:
+        if not isinstance(num_nodes, (int, np.integer)) or isinstance(num_nodes, bool) \
+                or num_nodes < 0:
             raise InputError(source_path, f"bad node count {num_nodes!r}")
         self._set_num_nodes(int(num_nodes), "nodes", source_path)
         built = build_csc(edge_chunks, int(num_nodes), self.tmp, source_path=source_path,
@@ -186,7 +189,7 @@ class StoreWriter:
         self._topology = {
             "num_edges": built.num_edges,
             "index_dtype": built.index_dtype.name,
-            "flags": {"symmetrized": bool(symmetrize), "self_loops": SELF_LOOP_FLAGS[self_loops],
+            "flags": {"symmetrized": bool(symmetrize), "self_loops": SELF_LOOP_FLAG[self_loops],
                       "deduplicated": bool(dedup)},
         }
 
@@ -230,7 +233,8 @@ class StoreWriter:
     def write_feature_array(self, array: np.ndarray, *, source_path: str) -> None:
         """:meth:`write_features` for a whole [N, F] array (e.g. a memmap), in row chunks."""
         if np.ndim(array) != 2:
-            raise InputError(source_path, f"features must be a 2-D array, got shape {np.shape(array)}")
+            raise InputError(source_path,
+                             f"features must be a 2-D array, got shape {np.shape(array)}")
         row_bytes = array.shape[1] * max(array.dtype.itemsize, 4)
         rows = self.rows_per_chunk(row_bytes)
         self.write_features(len(array), (array[start:start + rows]
@@ -256,7 +260,8 @@ class StoreWriter:
     def write_split(self, name: str, ids: np.ndarray, *, source_path: str) -> None:
         """[k] node ids of split ``name`` (train, valid, test, ...)."""
         if not SPLIT_NAME.fullmatch(name):
-            raise InputError(source_path, f"bad split name {name!r} (letters, digits, _ and - only)")
+            raise InputError(source_path,
+                             f"bad split name {name!r} (letters, digits, _ and - only)")
         if name in self._splits:
             raise InputError(source_path, f"split {name!r} given twice")
         ids = integer_ids(ids, f"split {name!r} ids", source_path)
@@ -279,7 +284,8 @@ class StoreWriter:
 
     def set_node_types(self, ranges: dict[str, tuple[int, int]]) -> None:
         """Node type name -> [start, end) id range (checked at commit)."""
-        self._node_types = {str(name): [int(start), int(end)] for name, (start, end) in ranges.items()}
+        self._node_types = {str(name): [int(start), int(end)]
+                            for name, (start, end) in ranges.items()}
 
     # ---- commit ----------------------------------------------------------------------
     def meta(self) -> dict[str, Any]:
@@ -311,7 +317,8 @@ class StoreWriter:
         """Validate everything written, then atomically move it to ``out``; returns ``out``."""
         if self._committed:
             raise RuntimeError("already committed")
-        (self.tmp / META_FILE).write_text(json.dumps(self.meta(), indent=1) + "\n", encoding="utf-8")
+        meta_text = json.dumps(self.meta(), indent=1) + "\n"
+        (self.tmp / META_FILE).write_text(meta_text, encoding="utf-8")
         try:
             GraphStore.open(self.tmp, check="full")
         except InputError as err:

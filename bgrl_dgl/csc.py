@@ -3,15 +3,15 @@
 The input is any number of (src, dst) chunks; nothing proportional to the edge count is
 ever held in memory. Two phases:
 
-1. Partition. Chunks are validated, regrouped into batches sized by the memory budget,
-   optionally symmetrized and stripped of self-loops, then counting-sorted by destination
-   *bucket* (2**shift consecutive node ids) and appended to two flat temp files. Each batch
-   becomes one *run* whose buckets lie contiguously, so any range of buckets can be read
-   back with one slice per run.
+1. Partition. Chunks are validated (in a background thread, overlapping the source's own
+   reading) and regrouped into batches sized by the memory budget. Each batch, and its
+   reverse when symmetrizing, is counting-sorted by destination *bucket* (2**shift
+   consecutive node ids) and appended to two flat temp files as one *run* whose buckets lie
+   contiguously, so any range of buckets can be read back with one slice per run.
 2. Sort. Consecutive buckets are grouped into pieces of whole nodes that fit the budget.
-   Each piece is read back, counting-sorted by destination node, sorted within each node
-   (and deduplicated, and given self-loops, if asked) and appended to indices.npy, with the
-   matching stretch of indptr.
+   Each piece is read back, stripped of self-loops if asked, counting-sorted by destination
+   node, sorted within each node (and deduplicated, and given self-loops, if asked) and
+   appended to indices.npy, with the matching stretch of indptr.
 
 The counting sorts and per-node sorts are scipy's compiled CSR kernels, which run in linear
 time (plus a sort of each short neighbour list) instead of a comparison sort of all edges.
@@ -23,6 +23,7 @@ import queue
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, TypeVar
@@ -42,9 +43,9 @@ T = TypeVar("T")
 # At most 2**BUCKET_BITS buckets: fine enough to cut pieces of whole nodes anywhere, coarse
 # enough that the per-bucket write cursors of the partition pass stay in cache.
 BUCKET_BITS = 14
-# Working bytes per input edge while partitioning a batch (int32 ids, symmetrized: the
-# batch, its reversed copy, bucket ids, grouped copies and temporaries).
-PARTITION_BYTES_PER_EDGE = 64
+# Working bytes per input edge while partitioning a batch (int32 ids: the chunks being
+# joined into a batch, the batch, bucket ids, grouped copies, a loop-free reverse).
+PARTITION_BYTES_PER_EDGE = 48
 # Working bytes per stored edge while sorting a piece (int32 ids).
 SORT_BYTES_PER_ITEM = 24
 MIN_BATCH_EDGES, MAX_BATCH_EDGES = 1 << 12, 1 << 27
@@ -286,11 +287,13 @@ def sorted_piece(lo: int, hi: int, src: np.ndarray, dst: np.ndarray, *, num_node
     Returns (counts [hi - lo], neighbours [sum(counts)]): in-degrees and the concatenated
     ascending in-neighbour lists, in the dtype of ``src``.
     """
-    dtype = src.dtype
     if self_loops != "keep":
         not_loop = src != dst
         if not not_loop.all():
             src, dst = src[not_loop], dst[not_loop]
+    if len(src) + (hi - lo) >= INT32_LIMIT:  # the kernels' offsets share the ids' dtype
+        src, dst = src.astype(np.int64), dst.astype(np.int64)
+    dtype = src.dtype
     rows = dst - dtype.type(lo)
     if self_loops == "add":
         rows = np.concatenate([rows, np.arange(hi - lo, dtype=dtype)])
@@ -322,16 +325,11 @@ def build_csc(edge_chunks: EdgeChunks, num_nodes: int, out_dir: Path, *, source_
     ``dedup`` each (src, dst) pair is stored once. The index dtype is int32 when the node
     and edge counts are below ``int32_limit``, else int64.
     """
-    id_dtype = node_id_dtype(num_nodes)
-    sizes = BatchSizes.for_budget(memory_budget, id_dtype)
     runs = BucketRuns(out_dir, num_nodes)
+    sizes = BatchSizes.for_budget(memory_budget, runs.dtype)
     try:
-        chunks = (checked_edges(src, dst, num_nodes, source_path, id_dtype)
-                  for src, dst in edge_chunks())
-        for src, dst in rebatch(prefetched(chunks), sizes.batch_edges):
-            for run in directed_runs(src, dst, symmetrize=symmetrize, self_loops=self_loops):
-                runs.add(*run)
-        runs.finish()
+        partition(edge_chunks, runs, source_path=source_path, symmetrize=symmetrize,
+                  self_loops=self_loops, batch_edges=sizes.batch_edges)
         most_edges = runs.total + (num_nodes if self_loops == "add" else 0)
         # The final count is known only at the end; dedup can only lower it.
         index_dtype = choose_index_dtype(num_nodes, most_edges, int32_limit)
@@ -345,6 +343,18 @@ def build_csc(edge_chunks: EdgeChunks, num_nodes: int, out_dir: Path, *, source_
         files = {name: recast_npy(out_dir / spec["file"], final_dtype)
                  for name, spec in files.items()}
     return CscFiles(num_edges, final_dtype, files)
+
+
+def partition(edge_chunks: EdgeChunks, runs: BucketRuns, *, source_path: str, symmetrize: bool,
+              self_loops: SelfLoops, batch_edges: int) -> None:
+    """Phase 1: validate the edges and spill them into ``runs`` batch by batch."""
+    chunks = (checked_edges(src, dst, runs.num_nodes, source_path, runs.dtype)
+              for src, dst in edge_chunks())
+    with closing(prefetched(chunks)) as checked:
+        for src, dst in rebatch(checked, batch_edges):
+            for run in directed_runs(src, dst, symmetrize=symmetrize, self_loops=self_loops):
+                runs.add(*run)
+    runs.finish()
 
 
 def write_sorted(runs: BucketRuns, out_dir: Path, index_dtype: np.dtype, piece_items: int, *,

@@ -77,12 +77,9 @@ def layerwise_embeddings(encoder: Encoder, graph_indptr: np.ndarray, graph_indic
 def embed_store(encoder: Encoder, store: GraphStore, **kwargs) -> np.ndarray:
     """:func:`layerwise_embeddings` of every node of ``store``: [N, out_dim]; ``kwargs``
     as there (batch_size, device, scratch_dir, out)."""
-    from .sampling import out_degrees  # the sampling module imports DGL's data loaders
-
-    in_deg = store.in_degrees()
-    out_deg = in_deg if store.symmetrized else out_degrees(store)
     return layerwise_embeddings(encoder, store.indptr, store.indices, store.features,
-                                in_degrees=in_deg, out_degrees=out_deg, **kwargs)
+                                in_degrees=store.in_degrees(), out_degrees=store.out_degrees(),
+                                **kwargs)
 
 
 def _check_graph(indptr: np.ndarray, indices: np.ndarray, features: np.ndarray,

@@ -12,6 +12,7 @@ resumed run sees exactly the batches an uninterrupted one would.
 from __future__ import annotations
 
 import contextlib
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,21 @@ def epoch_permutation(num_seeds: int, seed: int, epoch: int) -> np.ndarray:
     """The shuffled order of seed positions in ``epoch``: [num_seeds] int64."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, 0x5EED]))
     return rng.permutation(num_seeds)
+
+
+def rank_batch_positions(num_seeds: int, seed: int, epoch: int, batch_size: int,
+                         rank: int, world_size: int) -> list[np.ndarray]:
+    """Rank ``rank``'s positions into the seed array for every step of ``epoch``.
+
+    The epoch's permutation is cut into ``ceil(num_seeds / (batch_size * world_size))``
+    global batches whose sizes differ by at most one, and each global batch into
+    ``world_size`` near-equal slices. Equal sizes keep a short last batch from holding a
+    single seed, which batch normalisation cannot train on. Returns int64 arrays of at most
+    ``batch_size`` positions each.
+    """
+    steps = -(-num_seeds // (batch_size * world_size))
+    perm = epoch_permutation(num_seeds, seed, epoch)
+    return [np.array_split(chunk, world_size)[rank] for chunk in np.array_split(perm, steps)]
 
 
 def resolve_seed_nodes(store: GraphStore, spec: str) -> np.ndarray:
@@ -155,18 +171,8 @@ class NeighborBatchSampler:
 
 def _graph_degrees(store: GraphStore) -> tuple[torch.Tensor, torch.Tensor]:
     """(out-degree, in-degree) of every node: [N] float32 each."""
-    in_deg = torch.from_numpy(store.in_degrees().astype(np.float32))
-    if store.symmetrized:
-        return in_deg, in_deg
-    return torch.from_numpy(out_degrees(store).astype(np.float32)), in_deg
-
-
-def out_degrees(store: GraphStore, chunk_edges: int = 1 << 26) -> np.ndarray:
-    """Out-degree of every node [N] int64, counted over ``indices`` in bounded chunks."""
-    counts = np.zeros(store.num_nodes, dtype=np.int64)
-    for start in range(0, store.num_edges, chunk_edges):
-        counts += np.bincount(store.indices[start:start + chunk_edges], minlength=store.num_nodes)
-    return counts
+    return (torch.from_numpy(store.out_degrees().astype(np.float32)),
+            torch.from_numpy(store.in_degrees().astype(np.float32)))
 
 
 def gather_features(features: np.ndarray, nodes: torch.Tensor) -> torch.Tensor:
@@ -191,7 +197,8 @@ class _RunBatches(Dataset):
         self.seed_nodes = loader.seed_nodes
         self.seed = loader.seed
         self.independent = loader.independent
-        self.positions = loader.batch_positions
+        self.rank = loader.rank
+        self.world_size = loader.world_size
         self.steps_per_epoch = loader.steps_per_epoch
         self.first_step = first_step
         self.last_step = last_step
@@ -204,7 +211,9 @@ class _RunBatches(Dataset):
     def __getitem__(self, index: int) -> SampledBatch:
         epoch, batch = divmod(self.first_step + index, self.steps_per_epoch)
         if self._epoch_order is None or self._epoch_order[0] != epoch:
-            self._epoch_order = (epoch, self.positions(epoch))
+            self._epoch_order = (epoch, rank_batch_positions(
+                len(self.seed_nodes), self.seed, epoch, self.config.batch_size, self.rank,
+                self.world_size))
         if self._sampler is None:
             store = GraphStore.open(self.store_path, check="none")
             self._sampler = NeighborBatchSampler(store, self.config.fanouts, self.config.graph_degrees)
@@ -219,9 +228,9 @@ class BatchLoader:
     """The batches of one process of ``world_size``, step after step across epochs.
 
     Each epoch, the seed nodes are shuffled with the same seeded permutation on every rank and
-    cut into ``world_size * batch_size`` global batches; rank ``r`` takes slice ``r`` of every
-    global batch, so all ranks run the same number of steps and together cover each seed
-    once per epoch (the last, short global batch is split as evenly as possible).
+    cut into global batches of at most ``world_size * batch_size`` seeds (see
+    :func:`rank_batch_positions`); rank ``r`` takes slice ``r`` of every global batch, so all
+    ranks run the same number of steps and together cover each seed once per epoch.
     """
 
     def __init__(self, store: GraphStore, config: SamplingConfig, seed_nodes: np.ndarray, *,
@@ -243,18 +252,19 @@ class BatchLoader:
 
     def batch_positions(self, epoch: int) -> list[np.ndarray]:
         """This rank's positions into ``seed_nodes`` for every step of ``epoch``."""
-        perm = epoch_permutation(len(self.seed_nodes), self.seed, epoch)
-        global_batch = self.config.batch_size * self.world_size
-        return [np.array_split(perm[start:start + global_batch], self.world_size)[self.rank]
-                for start in range(0, len(perm), global_batch)]
+        return rank_batch_positions(len(self.seed_nodes), self.seed, epoch,
+                                    self.config.batch_size, self.rank, self.world_size)
 
     def batches(self, first_step: int, last_step: int) -> Iterator[SampledBatch]:
         """The batches of global steps ``first_step .. last_step - 1``, in order."""
         dataset = _RunBatches(self, first_step, last_step)
         if self.config.num_workers == 0:
-            with one_omp_thread():
-                for index in range(len(dataset)):
-                    yield dataset[index]
+            for index in range(len(dataset)):
+                # Released before the yield: the training step that consumes the batch
+                # should use every thread.
+                with one_omp_thread():
+                    batch = dataset[index]
+                yield batch
             return
         yield from DataLoader(
             dataset, batch_size=None, shuffle=False, num_workers=self.config.num_workers,
@@ -263,4 +273,9 @@ class BatchLoader:
 
 
 def _worker_init(_: int) -> None:
+    # The training process turns SIGINT/SIGTERM (a Ctrl-C reaches the whole process group)
+    # into a checkpoint and a clean stop, then shuts the workers down; a worker killed by the
+    # signal first would make its next batch fail with a traceback instead.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(1)

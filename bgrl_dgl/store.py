@@ -214,7 +214,7 @@ class GraphStore:
         self.feat_dim: int = _meta_count(meta, "feat_dim", where)
         self.num_classes: int = _meta_count(meta, "num_classes", where)
         self.index_dtype = np.dtype(_meta_choice(meta, "index_dtype", INDEX_DTYPES, where))
-        self.feat_dtype: np.dtype = np.dtype(_meta_choice(meta, "feat_dtype", FEATURE_DTYPES, where))
+        self.feat_dtype = np.dtype(_meta_choice(meta, "feat_dtype", FEATURE_DTYPES, where))
         flags = _meta_value(meta, "flags", dict, where)
         self.symmetrized: bool = _meta_value(flags, "symmetrized", bool, where)
         self.self_loops: str = _meta_choice(flags, "self_loops", SELF_LOOP_FLAGS, where)
@@ -280,10 +280,12 @@ class GraphStore:
         spec_shape = tuple(_meta_value(spec, "shape", list, where))
         _meta_count(spec, "bytes", where)
         if _meta_value(spec, "dtype", str, where) != dtype.name:
-            raise InputError(where, f"arrays.{name} has dtype {spec['dtype']}, expected {dtype.name}")
+            raise InputError(where, f"arrays.{name} has dtype {spec['dtype']}, "
+                             f"expected {dtype.name}")
         if shape is None and len(spec_shape) != 1 or shape is not None and spec_shape != shape:
             wanted = "a 1-D shape" if shape is None else list(shape)
-            raise InputError(where, f"arrays.{name} has shape {list(spec_shape)}, expected {wanted}")
+            raise InputError(where, f"arrays.{name} has shape {list(spec_shape)}, "
+                             f"expected {wanted}")
 
     # ---- arrays ----------------------------------------------------------------------
     def _open_array(self, name: str, spec: dict[str, Any]) -> np.ndarray:
@@ -337,6 +339,16 @@ class GraphStore:
         """[N] int64 in-degree of every node."""
         return np.diff(self.indptr).astype(np.int64, copy=False)
 
+    def out_degrees(self, chunk_edges: int = 1 << 26) -> np.ndarray:
+        """[N] int64 out-degree of every node: the in-degrees when the store is symmetrised,
+        else counted over ``indices`` in chunks of ``chunk_edges``."""
+        if self.symmetrized:
+            return self.in_degrees()
+        counts = np.zeros(self.num_nodes, dtype=np.int64)
+        for start in range(0, self.num_edges, chunk_edges):
+            counts += np.bincount(self.indices[start:start + chunk_edges], minlength=self.num_nodes)
+        return counts
+
     # ---- validation ------------------------------------------------------------------
     def validate(self, full: bool) -> None:
         """Raise InputError naming the offending file on any inconsistency.
@@ -360,7 +372,8 @@ class GraphStore:
             raise InputError(self.meta_path, "int32 indices cannot address "
                              f"{self.num_nodes} nodes and {self.num_edges} edges")
         if self.labels is None and self.num_classes:
-            raise InputError(self.meta_path, f"num_classes is {self.num_classes} but there are no labels")
+            raise InputError(self.meta_path,
+                             f"num_classes is {self.num_classes} but there are no labels")
         first, last = int(self.indptr[0]), int(self.indptr[-1])
         if first != 0:
             raise InputError(self.array_path("indptr"), f"starts at {first}, expected 0")
@@ -373,7 +386,8 @@ class GraphStore:
             steps = np.diff(self.indptr[start:stop + 1])
             bad = np.flatnonzero(steps < 0)
             if bad.size:
-                raise InputError(self.array_path("indptr"), f"not monotone at node {start + bad[0]}")
+                raise InputError(self.array_path("indptr"),
+                                 f"not monotone at node {start + bad[0]}")
 
     def node_slices(self, max_edges: int = SCAN_CHUNK) -> Iterator[tuple[int, int]]:
         """[v0, v1) node ranges whose in-edges number about ``max_edges`` (at least one node)."""
@@ -408,7 +422,8 @@ class GraphStore:
             if bad.any():
                 position = base + 1 + int(np.flatnonzero(bad)[0])
                 node = int(np.searchsorted(self.indptr[v0:v1 + 1], position, side="right")) - 1 + v0
-                problem = "repeated" if self.deduplicated and steps[position - base - 1] == 0 else "not sorted"
+                repeated = self.deduplicated and steps[position - base - 1] == 0
+                problem = "repeated" if repeated else "not sorted"
                 raise InputError(file, f"in-neighbours of node {node} are {problem} "
                                  f"(entry {position})")
 

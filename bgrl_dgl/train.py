@@ -290,9 +290,10 @@ def train(data: str | Path, run_dir: str | Path, config: TrainConfig, *, resume:
     """Train BGRL on the store at ``data``, writing into ``run_dir``; returns final metrics."""
     run_dir = Path(run_dir)
     store = GraphStore.open(data)
+    # Built before the run directory is created, so that bad settings leave nothing behind.
+    trainer = Trainer(config, store, run_dir, resolve_device(config.run.device), rank, world_size)
     checkpoint = prepare_run_dir(run_dir, resume)
     state = load_checkpoint(checkpoint) if checkpoint is not None else None
-    trainer = Trainer(config, store, run_dir, resolve_device(config.run.device), rank, world_size)
     if state is not None:
         trainer.load_state(state)
     if trainer.is_main:

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from memwatch import GIB, measure_command
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +74,7 @@ def time_generator(args: argparse.Namespace) -> dict[str, float]:
         pass
     edges_s = time.perf_counter() - start
     start = time.perf_counter()
-    for _ in synthetic.feature_chunks(opts, layout.labels()):
+    for _ in synthetic.feature_chunks(opts, layout.labels(), np.dtype(args.feature_dtype)):
         pass
     return {"generator_edges_s": edges_s, "generator_edges_per_s": opts.num_edges / edges_s,
             "generator_features_s": time.perf_counter() - start}

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
 import numpy as np
-import torch
 from scipy.special import ndtri
 
 from ..errors import InputError
@@ -263,7 +262,8 @@ def feature_block(opts: Options, labels: np.ndarray, means: np.ndarray, noise: n
     features = noise[levels]
     features += means[labels[start:stop]]
     if dtype == np.float16:
-        # numpy's float32 -> float16 cast is scalar code, many times slower than torch's.
+        import torch  # numpy's float32 -> float16 cast is scalar code, many times slower
+
         return torch.from_numpy(features).to(torch.float16).numpy()
     return features
 

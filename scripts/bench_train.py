@@ -1,0 +1,339 @@
+"""Benchmark a BGRL training step against a plain supervised GraphSAGE step on the same batches.
+
+Both arms are fed by the same :class:`~bgrl_dgl.sampling.BatchLoader` (the Trainer's), over
+the same batches (global steps ``0 .. warmup + steps - 1``), and are timed end to end: each
+step's wait for the loader plus its compute. The first ``--warmup`` steps of each arm
+(worker start-up, cold page cache, allocator growth) are not counted.
+
+* BGRL: ``Trainer.train_step`` - two augmented views, online encoder + predictor forward and
+  backward, target forward, optimizer step, EMA update.
+* supervised: ``dgl.nn.SAGEConv(..., 'mean')`` layers of the same sizes as the encoder (ReLU
+  between them) and a linear classifier, cross-entropy on the seeds' labels, Adam. DGL blocks
+  are built from the batch's Adjacency tensors with ``dgl.create_block`` (counted as compute).
+
+The arms run back to back (``--rounds`` > 1 repeats the pair, alternating which goes first, so
+that a drift in background load does not favour one arm). The ratio is supervised seeds/s over
+BGRL seeds/s; dense FLOPs per step of each arm (``torch.utils.flop_counter``, matrix products
+only; sparse aggregation is not counted) give the ratio the arithmetic alone would predict.
+
+The machine this was written for has 2 cores: ``--threads 2`` torch threads compute in this
+process while ``--num-workers 1`` loader worker samples (the worker runs one thread).
+
+The synthetic store is prepared once (``bgrl-dgl prepare synthetic ... --feature-dtype
+float16``) into ``--data`` (default ``data/bench-train-<nodes>``, e.g. ``data/bench-train-1m``)
+and reused when its parameters match. Last line printed: one JSON object.
+
+    .venv/bin/python scripts/bench_train.py [--num-nodes 50000 --steps 10]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import dgl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
+
+import bgrl_dgl  # noqa: F401  (sets the DGL backend)
+from bgrl_dgl import config as cfg
+from bgrl_dgl.adjacency import Adjacency
+from bgrl_dgl.sampling import BatchLoader, SampledBatch
+from bgrl_dgl.store import GraphStore
+from bgrl_dgl.train import TrainConfig, Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+# Generator parameters of the store, checked before an existing store is reused.
+STORE_PARAMS = ("num_nodes", "avg_degree", "feat_dim", "num_classes", "feature_dtype", "seed")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    data = parser.add_argument_group("synthetic graph")
+    data.add_argument("--data", type=Path,
+                      help="store to use, prepared there if absent (default: data/bench-train-<nodes>)")
+    data.add_argument("--num-nodes", type=int, default=1_000_000)
+    data.add_argument("--avg-degree", type=float, default=10.0,
+                      help="input edges per node before symmetrization (default: 10, ~20 stored)")
+    data.add_argument("--feat-dim", type=int, default=128)
+    data.add_argument("--num-classes", type=int, default=10)
+    data.add_argument("--feature-dtype", choices=["float16", "float32"], default="float16")
+    data.add_argument("--seed", type=int, default=0, help="graph, weights and batches seed")
+    train = parser.add_argument_group("training")
+    train.add_argument("--fanouts", default="10,10", help="neighbours per layer, input layer first")
+    train.add_argument("--batch-size", type=int, default=1024)
+    train.add_argument("--conv", choices=["sage"], default="sage",
+                       help="encoder convolution (the supervised arm is GraphSAGE)")
+    train.add_argument("--hidden", default="256,256", help="layer sizes of both models")
+    train.add_argument("--num-workers", type=int, default=1, help="loader worker processes")
+    train.add_argument("--threads", type=int, default=2, help="torch threads of this process")
+    bench = parser.add_argument_group("measurement")
+    bench.add_argument("--warmup", type=int, default=5, help="uncounted steps per arm and round")
+    bench.add_argument("--steps", type=int, default=30, help="counted steps per arm and round")
+    bench.add_argument("--rounds", type=int, default=1, help="times the pair of arms is run")
+    bench.add_argument("--profile-steps", type=int, default=0,
+                       help="afterwards, profile this many BGRL steps on one loaded batch "
+                            "(torch.profiler, by operator and by bgrl_dgl function)")
+    args = parser.parse_args(argv)
+    if args.steps <= 0 or args.rounds <= 0 or args.warmup < 0 or args.profile_steps < 0:
+        parser.error("--steps and --rounds must be positive, --warmup and --profile-steps >= 0")
+    if args.data is None:
+        args.data = REPO / "data" / f"bench-train-{size_label(args.num_nodes)}"
+    return args
+
+
+def size_label(num_nodes: int) -> str:
+    """``1000000 -> '1m'``, ``50000 -> '50k'``, ``1234 -> '1234'``."""
+    for suffix, unit in (("m", 1_000_000), ("k", 1_000)):
+        if num_nodes % unit == 0:
+            return f"{num_nodes // unit}{suffix}"
+    return str(num_nodes)
+
+
+def int_list(text: str) -> list[int]:
+    return [int(part) for part in text.split(",")]
+
+
+# ---- the store ---------------------------------------------------------------------------
+def ensure_store(args: argparse.Namespace) -> GraphStore:
+    """Open the store at ``args.data``, preparing it first if it does not exist."""
+    meta_path = args.data / "meta.json"
+    if meta_path.exists():
+        params = json.loads(meta_path.read_text())["source"]["params"]
+        wanted = {name: getattr(args, name) for name in STORE_PARAMS}
+        found = {name: params.get(name) for name in STORE_PARAMS}
+        if found != wanted:
+            sys.exit(f"{args.data} was prepared with {found}, not {wanted}: "
+                     "pass another --data or remove it")
+        print(f"reusing {args.data}", flush=True)
+    else:
+        prepare_store(args)
+    return GraphStore.open(args.data)
+
+
+def prepare_store(args: argparse.Namespace) -> None:
+    command = [sys.executable, "-m", "bgrl_dgl", "prepare", "synthetic", "--out", str(args.data),
+               "--num-nodes", str(args.num_nodes), "--avg-degree", str(args.avg_degree),
+               "--feat-dim", str(args.feat_dim), "--num-classes", str(args.num_classes),
+               "--feature-dtype", args.feature_dtype, "--seed", str(args.seed)]
+    print("running:", " ".join(command), flush=True)
+    start = time.perf_counter()
+    subprocess.run(command, cwd=REPO, stdin=subprocess.DEVNULL, check=True)
+    print(f"prepared in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+# ---- the two arms --------------------------------------------------------------------------
+def train_config(args: argparse.Namespace, total_steps: int) -> TrainConfig:
+    return cfg.from_sections(TrainConfig, {
+        "sampling": {"fanouts": int_list(args.fanouts), "batch_size": args.batch_size,
+                     "num_workers": args.num_workers, "seeds": "all"},
+        "model": {"conv": args.conv, "hidden": int_list(args.hidden)},
+        "optim": {"max_steps": total_steps},
+        "run": {"seed": args.seed, "device": "cpu"},
+    }, source="bench_train")
+
+
+class SupervisedSAGE(nn.Module):
+    """``dgl.nn.SAGEConv('mean')`` layers (ReLU after each) and a linear classifier."""
+
+    def __init__(self, in_dim: int, hidden: list[int], num_classes: int) -> None:
+        super().__init__()
+        sizes = [in_dim, *hidden]
+        self.convs = nn.ModuleList(dgl.nn.SAGEConv(a, b, "mean") for a, b in zip(sizes[:-1], sizes[1:]))
+        self.classifier = nn.Linear(sizes[-1], num_classes)
+
+    def forward(self, blocks: list[dgl.DGLGraph], x: torch.Tensor) -> torch.Tensor:
+        """x [blocks[0] sources, in_dim] -> logits [blocks[-1] destinations, num_classes]."""
+        h = x
+        for conv, block in zip(self.convs, blocks):
+            h = F.relu(conv(block, h))
+        return self.classifier(h)
+
+
+def to_block(adj: Adjacency) -> dgl.DGLGraph:
+    """The DGL block of an Adjacency (no edge ids; the CSC is used as is)."""
+    return dgl.create_block(("csc", (adj.indptr, adj.indices, torch.empty(0, dtype=adj.indices.dtype))),
+                            num_src_nodes=adj.num_src, num_dst_nodes=adj.num_dst)
+
+
+class SupervisedStep:
+    """One Adam step of :class:`SupervisedSAGE` on the first view of a batch."""
+
+    def __init__(self, store: GraphStore, hidden: list[int], seed: int) -> None:
+        torch.manual_seed(seed)
+        self.labels = store.labels
+        self.model = SupervisedSAGE(store.feat_dim, hidden, store.num_classes)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+
+    def __call__(self, batch: SampledBatch) -> dict[str, float]:
+        start = time.perf_counter()
+        view = batch.views[0]
+        blocks = [to_block(adj) for adj in view.adjs]
+        blocks_s = time.perf_counter() - start
+        labels = torch.from_numpy(self.labels[batch.seeds.numpy()])
+        loss = F.cross_entropy(self.model(blocks, view.features), labels, ignore_index=-1)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return {"sample_s": batch.sample_s, "features_s": batch.gather_s, "blocks_s": blocks_s,
+                "compute_s": time.perf_counter() - start}
+
+
+Step = Callable[[SampledBatch], dict[str, float]]
+
+
+@dataclass
+class ArmResult:
+    """Counted steps of one arm: seeds, wall time, and per-step timings (seconds)."""
+
+    seeds: int = 0
+    wall_s: float = 0.0
+    steps: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def seeds_per_s(self) -> float:
+        return self.seeds / self.wall_s
+
+    def mean_ms(self) -> dict[str, float]:
+        """Mean per-step milliseconds of every timing (``wait``, ``compute``, ``sample``, ...)."""
+        return {name.removesuffix("_s"): 1e3 * statistics.fmean(step[name] for step in self.steps)
+                for name in self.steps[0]}
+
+
+def run_arm(loader: BatchLoader, step: Step, warmup: int, steps: int, result: ArmResult) -> None:
+    """Feed ``warmup + steps`` batches to ``step``; add the last ``steps`` to ``result``.
+
+    Wall time runs from the start of the first counted wait to the end of the last step.
+    """
+    batches = loader.batches(0, warmup + steps)
+    for _ in range(warmup):
+        step(next(batches))
+    start = waited = time.perf_counter()
+    for batch in batches:
+        wait_s = time.perf_counter() - waited
+        timings = step(batch)
+        result.steps.append({"wait_s": wait_s, **timings})
+        result.seeds += len(batch.seeds)
+        waited = time.perf_counter()
+    result.wall_s += waited - start
+
+
+def bgrl_timings(trainer: Trainer) -> Step:
+    """``trainer.train_step`` reduced to its timings."""
+    def step(batch: SampledBatch) -> dict[str, float]:
+        metrics = trainer.train_step(batch)
+        return {name: metrics[name] for name in ("sample_s", "features_s", "compute_s")}
+    return step
+
+
+def dense_only(formula: Callable[..., int]) -> Callable[..., int]:
+    """A flop formula that counts nothing when an operand is sparse (torch would count a
+    sparse CSR product as dense)."""
+    def count(*args, **kwargs) -> int:
+        if any(isinstance(a, torch.Tensor) and a.layout != torch.strided for a in args):
+            return 0
+        return formula(*args, **kwargs)
+    count._get_raw = True  # FlopCounterMode passes tensors, not shapes
+    return count
+
+
+def dense_gflops(step: Step, batch: SampledBatch) -> float:
+    """Dense (matrix product) GFLOPs of one step on ``batch``; the step really runs."""
+    mapping = {op: dense_only(formula) for op, formula in flop_registry.items()}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        step(batch)
+    return counter.get_total_flops() / 1e9
+
+
+# ---- profiling -----------------------------------------------------------------------------
+def profile_bgrl(trainer: Trainer, batch: SampledBatch, steps: int) -> None:
+    """Print where ``steps`` BGRL steps on ``batch`` spend their time: by operator, then by
+    the innermost bgrl_dgl function on the Python stack."""
+    from torch.profiler import ProfilerActivity, profile
+
+    trainer.train_step(batch)
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        for _ in range(steps):
+            trainer.train_step(batch)
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=25))
+    by_function: dict[str, float] = {}
+    for event in prof.events():
+        frame = next((f for f in event.stack if "bgrl_dgl" in f), "(outside bgrl_dgl)")
+        by_function[frame] = by_function.get(frame, 0.0) + event.self_cpu_time_total
+    total = sum(by_function.values())
+    print(f"self CPU time per step by innermost bgrl_dgl frame (total {total / 1e3 / steps:.1f} ms):")
+    for frame, us in sorted(by_function.items(), key=lambda item: -item[1])[:20]:
+        print(f"  {us / 1e3 / steps:8.1f} ms  {100 * us / total:5.1f}%  {frame}")
+
+
+# ---- report --------------------------------------------------------------------------------
+def batch_shape(batch: SampledBatch) -> dict[str, list[int]]:
+    view = batch.views[0]
+    return {"num_src": [a.num_src for a in view.adjs], "num_dst": [a.num_dst for a in view.adjs],
+            "num_edges": [a.num_edges for a in view.adjs]}
+
+
+def print_report(bgrl: ArmResult, supervised: ArmResult, flops: dict[str, float]) -> None:
+    ratio = supervised.seeds_per_s / bgrl.seeds_per_s
+    b, s = bgrl.mean_ms(), supervised.mean_ms()
+    print(f"BGRL:       {bgrl.seeds_per_s:8.0f} seeds/s  {1e3 * bgrl.wall_s / len(bgrl.steps):7.1f} ms/step"
+          f"  (wait {b['wait']:.1f} + compute {b['compute']:.1f} ms)")
+    print(f"supervised: {supervised.seeds_per_s:8.0f} seeds/s  "
+          f"{1e3 * supervised.wall_s / len(supervised.steps):7.1f} ms/step"
+          f"  (wait {s['wait']:.1f} + compute {s['compute']:.1f} ms, of which blocks {s['blocks']:.1f})")
+    print(f"loader worker per batch (overlaps compute): sample {b['sample']:.1f} ms, "
+          f"features {b['features']:.1f} ms")
+    print(f"dense GFLOP/step: BGRL {flops['bgrl']:.2f}, supervised {flops['supervised']:.2f} "
+          f"(ratio {flops['bgrl'] / flops['supervised']:.2f})")
+    print(f"ratio supervised/BGRL seeds/s: {ratio:.2f} (goal <= 3.0)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    store = ensure_store(args)
+    total_steps = args.rounds * (args.warmup + args.steps) + 2 + args.profile_steps
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as run_dir:
+        trainer = Trainer(train_config(args, total_steps), store, Path(run_dir), torch.device("cpu"))
+        bgrl_step = bgrl_timings(trainer)
+        supervised_step = SupervisedStep(store, int_list(args.hidden), args.seed)
+        bgrl, supervised = ArmResult(), ArmResult()
+        arms = [(bgrl_step, bgrl), (supervised_step, supervised)]
+        for index in range(args.rounds):
+            for step, result in arms[::-1] if index % 2 else arms:
+                run_arm(trainer.loader, step, args.warmup, args.steps, result)
+        batch, = trainer.loader.batches(0, 1)
+        flops = {"bgrl": dense_gflops(bgrl_step, batch),
+                 "supervised": dense_gflops(supervised_step, batch)}
+        print_report(bgrl, supervised, flops)
+        if args.profile_steps:
+            profile_bgrl(trainer, batch, args.profile_steps)
+    print(json.dumps({
+        "bgrl_seeds_per_s": bgrl.seeds_per_s,
+        "supervised_seeds_per_s": supervised.seeds_per_s,
+        "ratio": supervised.seeds_per_s / bgrl.seeds_per_s,
+        "bgrl_ms": bgrl.mean_ms(),
+        "supervised_ms": supervised.mean_ms(),
+        "dense_gflop_per_step": flops,
+        "first_batch": batch_shape(batch),
+        "config": {**{name: getattr(args, name) for name in STORE_PARAMS},
+                   "num_edges": store.num_edges, "fanouts": int_list(args.fanouts),
+                   "batch_size": args.batch_size, "conv": args.conv, "hidden": int_list(args.hidden),
+                   "num_workers": args.num_workers, "threads": args.threads,
+                   "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds},
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
