@@ -139,7 +139,10 @@ class NeighborBatchSampler:
     def __init__(self, store: GraphStore, fanouts: list[int], graph_degrees: bool) -> None:
         self.store = store
         self.graph = store.graph
-        self.sampler = dgl.dataloading.NeighborSampler(list(fanouts))
+        # DGL 2.1.0's fused sampler (its default whenever OpenMP has several threads) keeps an
+        # int64 node mapping between calls that its int32 kernel misreads: from the second
+        # batch on, blocks of an int32 graph get edges from the wrong sources.
+        self.sampler = dgl.dataloading.NeighborSampler(list(fanouts), fused=False)
         self.degrees = _graph_degrees(store) if graph_degrees else None
 
     def sample_view(self, seeds: torch.Tensor) -> tuple[SampledView, float, float]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -55,6 +56,8 @@ class OptimConfig:
 class RunConfig:
     seed: int = field(0, "seed of weights, batches and augmentations")
     device: Literal["auto", "cpu", "cuda"] = field("auto", "where the model runs (auto: cuda if available)")
+    threads: int = field(0, "torch CPU threads of the training process (0: the usable cores "
+                            "left after the sampling workers, at least 1)")
     checkpoint_every: int = field(500, "steps between checkpoints (one is always written at the end)")
     log_every: int = field(10, "steps between lines of metrics.jsonl")
     collapse_ratio: float = field(
@@ -63,6 +66,16 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.checkpoint_every <= 0 or self.log_every <= 0:
             raise ValueError("checkpoint_every and log_every must be positive")
+        if self.threads < 0:
+            raise ValueError("threads must be >= 0")
+
+
+def compute_threads(requested: int, num_workers: int) -> int:
+    """Threads for compute: as requested, or the cores the sampling workers leave free
+    (oversubscribed cores make every parallel section wait for a descheduled thread)."""
+    if requested:
+        return requested
+    return max(len(os.sched_getaffinity(0)) - num_workers, 1)
 
 
 @dataclass
@@ -144,6 +157,7 @@ class Trainer:
         self.run_dir = run_dir
         self.device = device
         self.is_main = rank == 0
+        torch.set_num_threads(compute_threads(config.run.threads, config.sampling.num_workers))
         seed_nodes = resolve_seed_nodes(store, config.sampling.seeds)
         self.loader = BatchLoader(store, config.sampling, seed_nodes, seed=config.run.seed,
                                   independent_views=config.augment.independent_views,

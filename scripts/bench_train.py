@@ -8,27 +8,34 @@ step's wait for the loader plus its compute. The first ``--warmup`` steps of eac
 * BGRL: ``Trainer.train_step`` - two augmented views, online encoder + predictor forward and
   backward, target forward, optimizer step, EMA update.
 * supervised: ``dgl.nn.SAGEConv(..., 'mean')`` layers of the same sizes as the encoder (ReLU
-  between them) and a linear classifier, cross-entropy on the seeds' labels, Adam. DGL blocks
+  after each) and a linear classifier, cross-entropy on the seeds' labels, Adam. DGL blocks
   are built from the batch's Adjacency tensors with ``dgl.create_block`` (counted as compute).
 
-The arms run back to back (``--rounds`` > 1 repeats the pair, alternating which goes first, so
-that a drift in background load does not favour one arm). The ratio is supervised seeds/s over
-BGRL seeds/s; dense FLOPs per step of each arm (``torch.utils.flop_counter``, matrix products
-only; sparse aggregation is not counted) give the ratio the arithmetic alone would predict.
+The arms run back to back, ``--rounds`` times (default: 2 rounds of 15 counted steps per arm),
+alternating which goes first, so that a drift in background load does not favour one arm.
+The ratio is supervised seeds/s over BGRL seeds/s; dense FLOPs per step of each arm
+(``torch.utils.flop_counter``, matrix products only; sparse aggregation is not counted) give
+the ratio the arithmetic alone would predict.
 
-The machine this was written for has 2 cores: ``--threads 2`` torch threads compute in this
-process while ``--num-workers 1`` loader worker samples (the worker runs one thread).
+Threads: the loader worker samples with one thread, so this process computes with the
+remaining cores (``--threads``, default: usable cores minus ``--num-workers``). On the 2-core
+machine this was written for that is 1 thread next to 1 worker: with 2 compute threads the
+3 busy threads oversubscribe the 2 cores, every OpenMP parallel region waits for its
+descheduled thread, and both arms ran about 2x slower.
 
 The synthetic store is prepared once (``bgrl-dgl prepare synthetic ... --feature-dtype
 float16``) into ``--data`` (default ``data/bench-train-<nodes>``, e.g. ``data/bench-train-1m``)
 and reused when its parameters match. Last line printed: one JSON object.
 
-    .venv/bin/python scripts/bench_train.py [--num-nodes 50000 --steps 10]
+    .venv/bin/python scripts/bench_train.py [--num-nodes 50000 --steps 5] [--profile-steps 3]
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import os
+import pstats
 import statistics
 import subprocess
 import sys
@@ -42,6 +49,7 @@ import dgl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 import bgrl_dgl  # noqa: F401  (sets the DGL backend)
@@ -60,7 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     data = parser.add_argument_group("synthetic graph")
     data.add_argument("--data", type=Path,
-                      help="store to use, prepared there if absent (default: data/bench-train-<nodes>)")
+                      help="store to use, prepared there if absent "
+                           "(default: data/bench-train-<nodes>)")
     data.add_argument("--num-nodes", type=int, default=1_000_000)
     data.add_argument("--avg-degree", type=float, default=10.0,
                       help="input edges per node before symmetrization (default: 10, ~20 stored)")
@@ -75,17 +84,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="encoder convolution (the supervised arm is GraphSAGE)")
     train.add_argument("--hidden", default="256,256", help="layer sizes of both models")
     train.add_argument("--num-workers", type=int, default=1, help="loader worker processes")
-    train.add_argument("--threads", type=int, default=2, help="torch threads of this process")
+    train.add_argument("--threads", type=int,
+                       help="torch threads of this process (default: usable cores minus "
+                            "--num-workers, at least 1)")
     bench = parser.add_argument_group("measurement")
     bench.add_argument("--warmup", type=int, default=5, help="uncounted steps per arm and round")
-    bench.add_argument("--steps", type=int, default=30, help="counted steps per arm and round")
-    bench.add_argument("--rounds", type=int, default=1, help="times the pair of arms is run")
+    bench.add_argument("--steps", type=int, default=15, help="counted steps per arm and round")
+    bench.add_argument("--rounds", type=int, default=2,
+                       help="times the pair of arms is run, alternating which goes first")
     bench.add_argument("--profile-steps", type=int, default=0,
                        help="afterwards, profile this many BGRL steps on one loaded batch "
-                            "(torch.profiler, by operator and by bgrl_dgl function)")
+                            "(torch.profiler by operator and shape, then cProfile by function)")
     args = parser.parse_args(argv)
-    if args.steps <= 0 or args.rounds <= 0 or args.warmup < 0 or args.profile_steps < 0:
-        parser.error("--steps and --rounds must be positive, --warmup and --profile-steps >= 0")
+    if args.steps <= 0 or args.rounds <= 0 or (args.threads is not None and args.threads <= 0):
+        parser.error("--steps, --rounds and --threads must be positive")
+    if args.warmup < 0 or args.profile_steps < 0:
+        parser.error("--warmup and --profile-steps must be >= 0")
+    if args.threads is None:
+        args.threads = max(1, len(os.sched_getaffinity(0)) - args.num_workers)
     if args.data is None:
         args.data = REPO / "data" / f"bench-train-{size_label(args.num_nodes)}"
     return args
@@ -108,7 +124,7 @@ def ensure_store(args: argparse.Namespace) -> GraphStore:
     """Open the store at ``args.data``, preparing it first if it does not exist."""
     meta_path = args.data / "meta.json"
     if meta_path.exists():
-        params = json.loads(meta_path.read_text())["source"]["params"]
+        params = json.loads(meta_path.read_text()).get("source", {}).get("params", {})
         wanted = {name: getattr(args, name) for name in STORE_PARAMS}
         found = {name: params.get(name) for name in STORE_PARAMS}
         if found != wanted:
@@ -148,7 +164,8 @@ class SupervisedSAGE(nn.Module):
     def __init__(self, in_dim: int, hidden: list[int], num_classes: int) -> None:
         super().__init__()
         sizes = [in_dim, *hidden]
-        self.convs = nn.ModuleList(dgl.nn.SAGEConv(a, b, "mean") for a, b in zip(sizes[:-1], sizes[1:]))
+        self.convs = nn.ModuleList(dgl.nn.SAGEConv(a, b, "mean")
+                                   for a, b in zip(sizes[:-1], sizes[1:]))
         self.classifier = nn.Linear(sizes[-1], num_classes)
 
     def forward(self, blocks: list[dgl.DGLGraph], x: torch.Tensor) -> torch.Tensor:
@@ -161,7 +178,8 @@ class SupervisedSAGE(nn.Module):
 
 def to_block(adj: Adjacency) -> dgl.DGLGraph:
     """The DGL block of an Adjacency (no edge ids; the CSC is used as is)."""
-    return dgl.create_block(("csc", (adj.indptr, adj.indices, torch.empty(0, dtype=adj.indices.dtype))),
+    no_edge_ids = torch.empty(0, dtype=adj.indices.dtype)
+    return dgl.create_block(("csc", (adj.indptr, adj.indices, no_edge_ids)),
                             num_src_nodes=adj.num_src, num_dst_nodes=adj.num_dst)
 
 
@@ -256,24 +274,24 @@ def dense_gflops(step: Step, batch: SampledBatch) -> float:
 
 # ---- profiling -----------------------------------------------------------------------------
 def profile_bgrl(trainer: Trainer, batch: SampledBatch, steps: int) -> None:
-    """Print where ``steps`` BGRL steps on ``batch`` spend their time: by operator, then by
-    the innermost bgrl_dgl function on the Python stack."""
-    from torch.profiler import ProfilerActivity, profile
-
+    """Print where ``steps`` BGRL steps on one loaded ``batch`` (no loader running) spend
+    their time: operators by self time and input shapes (torch.profiler), then the slowest
+    bgrl_dgl functions by cumulative time and all functions by own time (cProfile)."""
     trainer.train_step(batch)
-    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(steps):
             trainer.train_step(batch)
-    averages = prof.key_averages()
-    print(averages.table(sort_by="self_cpu_time_total", row_limit=25))
-    by_function: dict[str, float] = {}
-    for event in prof.events():
-        frame = next((f for f in event.stack if "bgrl_dgl" in f), "(outside bgrl_dgl)")
-        by_function[frame] = by_function.get(frame, 0.0) + event.self_cpu_time_total
-    total = sum(by_function.values())
-    print(f"self CPU time per step by innermost bgrl_dgl frame (total {total / 1e3 / steps:.1f} ms):")
-    for frame, us in sorted(by_function.items(), key=lambda item: -item[1])[:20]:
-        print(f"  {us / 1e3 / steps:8.1f} ms  {100 * us / total:5.1f}%  {frame}")
+    print(prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=40,
+        max_shapes_column_width=70))
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        trainer.train_step(batch)
+    profiler.disable()
+    stats = pstats.Stats(profiler, stream=sys.stdout)
+    stats.sort_stats("cumulative").print_stats("bgrl_dgl", 20)
+    stats.sort_stats("tottime").print_stats(15)
 
 
 # ---- report --------------------------------------------------------------------------------
@@ -286,11 +304,13 @@ def batch_shape(batch: SampledBatch) -> dict[str, list[int]]:
 def print_report(bgrl: ArmResult, supervised: ArmResult, flops: dict[str, float]) -> None:
     ratio = supervised.seeds_per_s / bgrl.seeds_per_s
     b, s = bgrl.mean_ms(), supervised.mean_ms()
-    print(f"BGRL:       {bgrl.seeds_per_s:8.0f} seeds/s  {1e3 * bgrl.wall_s / len(bgrl.steps):7.1f} ms/step"
+    print(f"BGRL:       {bgrl.seeds_per_s:8.0f} seeds/s  "
+          f"{1e3 * bgrl.wall_s / len(bgrl.steps):7.1f} ms/step"
           f"  (wait {b['wait']:.1f} + compute {b['compute']:.1f} ms)")
     print(f"supervised: {supervised.seeds_per_s:8.0f} seeds/s  "
           f"{1e3 * supervised.wall_s / len(supervised.steps):7.1f} ms/step"
-          f"  (wait {s['wait']:.1f} + compute {s['compute']:.1f} ms, of which blocks {s['blocks']:.1f})")
+          f"  (wait {s['wait']:.1f} + compute {s['compute']:.1f} ms, "
+          f"of which blocks {s['blocks']:.1f})")
     print(f"loader worker per batch (overlaps compute): sample {b['sample']:.1f} ms, "
           f"features {b['features']:.1f} ms")
     print(f"dense GFLOP/step: BGRL {flops['bgrl']:.2f}, supervised {flops['supervised']:.2f} "
@@ -302,9 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     store = ensure_store(args)
-    total_steps = args.rounds * (args.warmup + args.steps) + 2 + args.profile_steps
+    # Schedules (lr, EMA tau) span every step taken: the arms, one FLOP count, the profile.
+    total_steps = args.rounds * (args.warmup + args.steps) + 2 + 2 * args.profile_steps
     with tempfile.TemporaryDirectory(prefix="bench-train-") as run_dir:
-        trainer = Trainer(train_config(args, total_steps), store, Path(run_dir), torch.device("cpu"))
+        config = train_config(args, total_steps)
+        trainer = Trainer(config, store, Path(run_dir), torch.device("cpu"))
         bgrl_step = bgrl_timings(trainer)
         supervised_step = SupervisedStep(store, int_list(args.hidden), args.seed)
         bgrl, supervised = ArmResult(), ArmResult()
@@ -328,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         "first_batch": batch_shape(batch),
         "config": {**{name: getattr(args, name) for name in STORE_PARAMS},
                    "num_edges": store.num_edges, "fanouts": int_list(args.fanouts),
-                   "batch_size": args.batch_size, "conv": args.conv, "hidden": int_list(args.hidden),
+                   "batch_size": args.batch_size, "conv": args.conv,
+                   "hidden": int_list(args.hidden),
                    "num_workers": args.num_workers, "threads": args.threads,
                    "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds},
     }))

@@ -5,14 +5,16 @@ The model (a degree-corrected planted partition):
 * A seeded permutation ``order`` of the node ids deals the nodes into ``C`` classes like
   cards: the node at position ``p`` of ``order`` has class ``p % C`` and rank ``p // C``
   within its class, so class sizes differ by at most one.
-* A node of rank ``r`` has weight about ``(r + 1) ** -beta`` with
-  ``beta = 1 / (degree_exponent - 1)``, so expected degrees follow the power law
-  ``P(degree >= k) ~ k ** -(degree_exponent - 1)``. An endpoint in a given class is drawn in
-  proportion to weight by inverting the continuous power-law CDF over ranks, which needs no
-  per-node table.
-* Each input edge picks its source's class uniformly, then its destination's class: the same
-  class with probability ``homophily``, else one of the other classes uniformly. So
-  ``homophily`` is the expected fraction of same-class input edges.
+* Every node is the source of ``avg_degree`` input edges (rounded down or up), like the
+  reference list of a paper; destinations are drawn in proportion to a weight, so in-degrees
+  are heavy-tailed, like citation counts. A node of rank ``r`` has weight about
+  ``(r + 1) ** -beta`` with ``beta = 1 / (degree_exponent - 1)``, so expected in-degrees
+  follow the power law ``P(in-degree >= k) ~ k ** -(degree_exponent - 1)``. A destination
+  in a given class is drawn by inverting the continuous power-law CDF over ranks, which
+  needs no per-node table.
+* The destination's class is the source's with probability ``homophily``, else one of the
+  other classes uniformly. So ``homophily`` is the expected fraction of same-class input
+  edges.
 * Features are ``mean[class] + feature_noise * noise`` with random unit-norm class means and
   standard Gaussian noise quantized to 2**16 levels (a table lookup by a random 16-bit
   index, several times cheaper than exact sampling). A classifier on raw features is
@@ -57,8 +59,8 @@ T = TypeVar("T")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-nodes", type=int, required=True, help="number of nodes")
     parser.add_argument("--avg-degree", type=float, required=True,
-                        help="input edges generated per node, before symmetrization, "
-                             "self-loop removal and dedup")
+                        help="input edges per node: each node is the source of this many "
+                             "(rounded), before symmetrization, self-loop removal and dedup")
     parser.add_argument("--feat-dim", type=int, required=True, help="feature dimension")
     parser.add_argument("--num-classes", type=int, required=True,
                         help="number of planted classes")
@@ -69,7 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="std of the Gaussian noise on each feature coordinate; class means "
                              "have unit norm (default: 1.5)")
     parser.add_argument("--degree-exponent", type=float, default=2.5,
-                        help="power-law exponent of the degree distribution, > 2 (default: 2.5)")
+                        help="power-law exponent of the in-degree distribution, > 2 "
+                             "(default: 2.5)")
     parser.add_argument("--label-fraction", type=float, default=1.0,
                         help="fraction of nodes that keep their label; the others get -1 "
                              "(default: 1.0)")
@@ -141,12 +144,22 @@ def power_inplace(x: np.ndarray, exponent: float) -> np.ndarray:
     return x
 
 
+def class_dtype(num_classes: int) -> np.dtype:
+    """A small integer dtype for class ids ``0 .. num_classes - 1``."""
+    for dtype in (np.int8, np.int16, np.int32):
+        if num_classes <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.int64)
+
+
 @dataclass(frozen=True)
 class ClassLayout:
     """Which node holds which class and rank: ``order`` [N] int32/int64 is a permutation of
-    the node ids; the node at position ``p`` has class ``p % C`` and rank ``p // C``."""
+    the node ids; the node at position ``p`` has class ``p % C`` and rank ``p // C``.
+    ``node_class`` [N] (int8 for up to 127 classes) is the class of every node id."""
 
     order: np.ndarray
+    node_class: np.ndarray
     num_classes: int
     degree_exponent: float
 
@@ -154,18 +167,19 @@ class ClassLayout:
     def plant(cls, opts: Options) -> "ClassLayout":
         order = np.arange(opts.num_nodes, dtype=index_dtype(opts.num_nodes))
         block_rng(opts.seed, _NODE_STREAM).shuffle(order)
-        return cls(order, opts.num_classes, opts.degree_exponent)
+        node_class = np.empty(opts.num_nodes, dtype=class_dtype(opts.num_classes))
+        node_class[order] = np.resize(np.arange(opts.num_classes, dtype=node_class.dtype),
+                                      opts.num_nodes)
+        return cls(order, node_class, opts.num_classes, opts.degree_exponent)
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.order)
 
     @property
     def max_rank(self) -> int:
         """Ranks run over ``[0, max_rank)`` (the last rank is missing in some classes)."""
-        return -(-len(self.order) // self.num_classes)
-
-    def labels(self) -> np.ndarray:
-        """[N] int64 class of every node id."""
-        labels = np.empty(len(self.order), dtype=np.int64)
-        labels[self.order] = np.arange(len(self.order), dtype=np.int64) % self.num_classes
-        return labels
+        return -(-self.num_nodes // self.num_classes)
 
     def draw_nodes(self, rng: np.random.Generator, classes: np.ndarray) -> np.ndarray:
         """One node per entry of ``classes`` ([B] int64), drawn in proportion to weight.
@@ -187,23 +201,41 @@ class ClassLayout:
         position += classes
         # Classes short of the last rank take the one before it instead.
         np.subtract(position, self.num_classes, out=position,
-                    where=position >= len(self.order))
+                    where=position >= self.num_nodes)
         return self.order[position]
+
+
+def edge_sources(opts: Options, first: int, count: int, dtype: np.dtype) -> np.ndarray:
+    """Sources of input edges ``first .. first + count - 1``: [count] ascending node ids.
+
+    Edge ``i`` leaves node ``floor(i * N / E)``, so each node is the source of
+    ``floor(E / N)`` or ``ceil(E / N)`` edges, and a block's sources are consecutive nodes
+    (which keeps the lookup of their classes in cache).
+    """
+    # floor((first + j) * N / E) = base + floor((offset + j * N) / E), exact in int64.
+    base, offset = divmod(first * opts.num_nodes, opts.num_edges)
+    sources = np.arange(count, dtype=np.int64)
+    sources *= opts.num_nodes
+    sources += offset
+    sources //= opts.num_edges
+    sources += base
+    return sources.astype(dtype)
 
 
 def edge_block(opts: Options, layout: ClassLayout, block: int) -> tuple[np.ndarray, np.ndarray]:
     """Input edges ``[block * EDGE_BLOCK, ...)``: (src, dst), each [B] int32/int64."""
-    count = min(EDGE_BLOCK, opts.num_edges - block * EDGE_BLOCK)
+    first = block * EDGE_BLOCK
+    count = min(EDGE_BLOCK, opts.num_edges - first)
+    src = edge_sources(opts, first, count, layout.order.dtype)
     rng = block_rng(opts.seed, _EDGE_STREAM, block)
-    src_class = rng.integers(opts.num_classes, size=count)
-    dst_class = src_class.copy()
+    dst_class = layout.node_class[src].astype(np.int64)
     if opts.num_classes > 1:
         crosses = rng.random(count) >= opts.homophily
-        shift = rng.integers(1, opts.num_classes, size=count)
+        shift = rng.integers(1, opts.num_classes, size=count)  # to one of the other classes
         shift *= crosses
         dst_class += shift
         dst_class %= opts.num_classes
-    return layout.draw_nodes(rng, src_class), layout.draw_nodes(rng, dst_class)
+    return src, layout.draw_nodes(rng, dst_class)
 
 
 def num_blocks(total: int, block: int) -> int:
@@ -249,7 +281,7 @@ def feature_rows_per_block(feat_dim: int) -> int:
     return max(1, FEATURE_BLOCK_VALUES // feat_dim)
 
 
-def feature_block(opts: Options, labels: np.ndarray, means: np.ndarray, noise: np.ndarray,
+def feature_block(opts: Options, node_class: np.ndarray, means: np.ndarray, noise: np.ndarray,
                   block: int, dtype: np.dtype) -> np.ndarray:
     """Feature rows ``[block * rows_per_block, ...)``: [r, F] float32, or float16 (rounded
     from float32) if ``dtype`` is float16."""
@@ -260,7 +292,7 @@ def feature_block(opts: Options, labels: np.ndarray, means: np.ndarray, noise: n
     raw = block_rng(opts.seed, _FEATURE_STREAM, block).bit_generator.random_raw(-(-size // 4))
     levels = raw.view(np.uint16)[:size].reshape(stop - start, opts.feat_dim)
     features = noise[levels]
-    features += means[labels[start:stop]]
+    features += means[node_class[start:stop]]
     if dtype == np.float16:
         import torch  # numpy's float32 -> float16 cast is scalar code, many times slower
 
@@ -268,12 +300,19 @@ def feature_block(opts: Options, labels: np.ndarray, means: np.ndarray, noise: n
     return features
 
 
-def feature_chunks(opts: Options, labels: np.ndarray,
+def feature_chunks(opts: Options, node_class: np.ndarray,
                    dtype: np.dtype = np.dtype(np.float32)) -> Iterator[np.ndarray]:
-    """Row blocks of the [N, F] features (float32 or float16), in node order."""
+    """Row blocks of the [N, F] features (float32 or float16), in node order, for nodes of
+    classes ``node_class`` ([N] integers)."""
     means, noise = class_means(opts), noise_table(opts.feature_noise)
-    return ordered_map(lambda block: feature_block(opts, labels, means, noise, block, dtype),
+    return ordered_map(lambda block: feature_block(opts, node_class, means, noise, block, dtype),
                        num_blocks(opts.num_nodes, feature_rows_per_block(opts.feat_dim)))
+
+
+def feature_dtype(args: argparse.Namespace) -> np.dtype:
+    """float16 if that is the stored dtype, else float32. Generating the stored dtype puts
+    the conversion in the generator's threads rather than in the writer's."""
+    return np.dtype(np.float16 if args.feature_dtype == "float16" else np.float32)
 
 
 def hide_labels(opts: Options, labels: np.ndarray) -> np.ndarray:
@@ -291,12 +330,11 @@ def build(args: argparse.Namespace, writer: "StoreWriter") -> None:
     writer.write_topology(opts.num_nodes, lambda: edge_chunks(opts, layout),
                           source_path=SOURCE_PATH, symmetrize=args.symmetrize,
                           self_loops=args.self_loops, dedup=args.dedup)
-    labels = layout.labels()
-    # Generated in the stored dtype, so that the conversion runs in the generator's threads.
-    dtype = np.dtype(np.float16 if args.feature_dtype == "float16" else np.float32)
-    writer.write_features(opts.num_nodes, feature_chunks(opts, labels, dtype),
+    writer.write_features(opts.num_nodes,
+                          feature_chunks(opts, layout.node_class, feature_dtype(args)),
                           source_path=SOURCE_PATH)
-    labels = hide_labels(opts, labels)
+    # Small integer labels also make the stable sort inside the split a fast radix sort.
+    labels = hide_labels(opts, layout.node_class.copy())
     writer.write_labels(labels, source_path=SOURCE_PATH, num_classes=opts.num_classes)
     for name, ids in stratified_split(labels, args.split, opts.seed).items():
         writer.write_split(name, ids, source_path=SOURCE_PATH)
