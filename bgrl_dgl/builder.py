@@ -89,8 +89,16 @@ def converted_features(block: np.ndarray, dtype: np.dtype, first_row: int,
     return out
 
 
+def _finite_mask(block: np.ndarray) -> np.ndarray:
+    """Elementwise finiteness; for float16 from the exponent bits (np.isfinite on float16
+    converts every value and is several times slower than the feature copy itself)."""
+    if block.dtype == np.float16:
+        return (block.view(np.uint16) & 0x7C00) != 0x7C00
+    return np.isfinite(block)
+
+
 def _check_finite(block: np.ndarray, first_row: int, source_path: str, problem: str) -> None:
-    finite = np.isfinite(block)
+    finite = _finite_mask(block)
     if not finite.all():
         row = first_row + int(np.flatnonzero(~finite.all(axis=1))[0])
         raise InputError(source_path, f"{problem} in row {row}")

@@ -161,11 +161,133 @@ def run_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_fanouts(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_embed_parser(commands: argparse._SubParsersAction) -> None:
+    embed = commands.add_parser(
+        "embed", help="export node embeddings to Parquet",
+        description="Embed the nodes of a store with a run's (or a checkpoint's) encoder and "
+                    "write them as OUT/part-*.parquet (node_id, [node_type], embedding) with "
+                    "OUT/_manifest.json and OUT/_SUCCESS. A rerun finishes an interrupted "
+                    "export; under torchrun (RANK, WORLD_SIZE) each process writes its share.")
+    source = embed.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="run directory (its newest checkpoint)")
+    source.add_argument("--checkpoint", help="checkpoint file (step-*.pt)")
+    embed.add_argument("--data", help="store directory (default: the run's; required with --checkpoint)")
+    embed.add_argument("--out", required=True, help="export directory to write")
+    embed.add_argument("--encoder", choices=["online", "target", "random"], default="online",
+                       help="which encoder embeds; random = the untrained initial weights "
+                            "(default: online)")
+    embed.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                       help="embedding dtype in the files (default: float32)")
+    embed.add_argument("--nodes", metavar="IDS.npy",
+                       help="export only these store node indices (default: every node)")
+    embed.add_argument("--fanouts", type=parse_fanouts,
+                       help="sampled inference with these per-layer fanouts, input layer first "
+                            "(-1 = all, written --fanouts=-1,-1); default: exact layer-wise "
+                            "inference")
+    embed.add_argument("--seed", type=int, default=0, help="sampling seed with --fanouts (default: 0)")
+    embed.add_argument("--batch-size", type=int, default=4096,
+                       help="destination nodes per inference batch (default: 4096)")
+    embed.add_argument("--rows-per-part", type=int,
+                       help="rows per Parquet file (default: 4 row groups of about 64 MB)")
+    embed.add_argument("--scratch-dir", help="where the layers' memmaps go (default: inside --out)")
+    embed.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                       help="where the encoder runs (default: auto)")
+    embed.add_argument("--overwrite", action="store_true",
+                       help="replace a complete export, or an unfinished one of other inputs")
+    embed.set_defaults(handler=run_embed)
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    from .export import InferenceOptions, export_embeddings, torchrun_rank
+
+    rank, world_size = torchrun_rank()
+    result = export_embeddings(
+        args.out, run=args.run, checkpoint=args.checkpoint, data=args.data, encoder=args.encoder,
+        dtype=args.dtype, nodes=args.nodes,
+        options=InferenceOptions(args.batch_size, args.device, args.fanouts, args.seed),
+        rows_per_part=args.rows_per_part, scratch_dir=args.scratch_dir,
+        overwrite=args.overwrite, rank=rank, world_size=world_size)
+    print(result.describe())
+    return 0
+
+
+def add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
+    evaluate = commands.add_parser(
+        "evaluate", help="linear probe of exported embeddings",
+        description="Fit the BGRL linear probe on embeddings exported by `embed`, reading only "
+                    "the labelled nodes' rows.")
+    evaluate.add_argument("--embeddings", required=True, help="export directory (from `embed`)")
+    evaluate.add_argument("--data", help="store directory (default: the export's)")
+    evaluate.add_argument("--splits", choices=["public", "random"], default="public",
+                          help="the store's train/valid/test splits, or random stratified "
+                               "10/10/80 ones (default: public)")
+    evaluate.add_argument("--num-splits", type=int, default=20,
+                          help="random splits to average (default: 20)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the random splits (default: 0)")
+    evaluate.add_argument("--run", help="also append the result to RUN/evaluations.jsonl")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.set_defaults(handler=run_evaluate)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from .export import evaluate_export
+    from .report import append_evaluation, check_run_dir
+
+    if args.run is not None:
+        check_run_dir(args.run)
+    result = evaluate_export(args.embeddings, args.data, splits=args.splits,
+                             num_splits=args.num_splits, seed=args.seed)
+    if args.run is not None:
+        append_evaluation(args.run, result)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        spread = f" ± {100 * result['test_acc_std']:.2f}" if result["num_splits"] > 1 else ""
+        print(f"{result['encoder']} encoder (step {result['step']}), {result['splits']} splits: "
+              f"test {result['metric']} {100 * result['test_acc_mean']:.2f}{spread} "
+              f"(valid {100 * result['val_acc_mean']:.2f}; {result['num_splits']} split(s) of "
+              f"{result['num_labelled']:,} labelled nodes)")
+    return 0
+
+
+def add_report_parser(commands: argparse._SubParsersAction) -> None:
+    report = commands.add_parser(
+        "report", help="summary and plot of a run",
+        description="Print a run's summary and plot its loss, lr, tau and probe accuracy "
+                    "(from `evaluate --run`) over the steps (needs matplotlib: "
+                    "pip install 'bgrl-dgl[plot]').")
+    report.add_argument("run", help="run directory")
+    report.add_argument("--out", help="PNG to write (default: RUN/report.png)")
+    report.set_defaults(handler=run_report)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .report import RunHistory, format_summary, plot_history
+
+    history = RunHistory.load(args.run)
+    print(format_summary(history.summary(), history.evaluations), flush=True)
+    path = plot_history(history, Path(args.out) if args.out else history.run_dir / "report.png")
+    print(f"wrote {path}")
+    return 0
+
+
 PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_prepare_parser,
     add_info_parser,
     add_train_parser,
     add_probe_parser,
+    add_embed_parser,
+    add_evaluate_parser,
+    add_report_parser,
 ]
 
 

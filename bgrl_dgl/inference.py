@@ -175,11 +175,21 @@ def _run_layer(encoder: Encoder, layer: int, indptr: np.ndarray, indices: np.nda
     return target
 
 
+def _consecutive(ids: np.ndarray) -> bool:
+    """Whether the ascending distinct ids [B] (B >= 1) are ``ids[0], ids[0] + 1, ...``."""
+    return int(ids[-1]) - int(ids[0]) + 1 == ids.size
+
+
+def _rows(array: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``array[ids]`` for ascending distinct ids, read as one slice when they are consecutive."""
+    return array[ids[0]:ids[-1] + 1] if _consecutive(ids) else array[ids]
+
+
 def _in_edges(indptr: np.ndarray, indices: np.ndarray,
               dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The in-neighbours of the ascending ids ``dst`` [B], concatenated: [E_b] int64, and
     their offsets per destination [B + 1] int64 (a CSC over the batch)."""
-    if dst[-1] - dst[0] + 1 == dst.size:  # consecutive ids: one contiguous slice
+    if _consecutive(dst):  # one contiguous slice of the CSC arrays
         first = int(indptr[dst[0]])
         offsets = np.asarray(indptr[dst[0]:dst[-1] + 2], dtype=np.int64) - first
         return np.asarray(indices[first:first + offsets[-1]], dtype=np.int64), offsets
@@ -200,7 +210,7 @@ def _batch_adjacency(indptr: np.ndarray, indices: np.ndarray, dst: np.ndarray,
     """
     neighbours, local_indptr = _in_edges(indptr, indices, dst)
     num_dst = dst.size
-    if dst[-1] - dst[0] + 1 == num_dst:
+    if _consecutive(dst):
         slot = neighbours - dst[0]
         inside = (slot >= 0) & (slot < num_dst)
     else:
@@ -209,10 +219,10 @@ def _batch_adjacency(indptr: np.ndarray, indices: np.ndarray, dst: np.ndarray,
     sources = np.unique(neighbours[~inside])
     local = np.where(inside, slot, num_dst + np.searchsorted(sources, neighbours))
     in_deg, out_deg = degrees
-    src_degree = np.concatenate([out_deg[dst], out_deg[sources]])
+    src_degree = np.concatenate([_rows(out_deg, dst), out_deg[sources]])
     adj = Adjacency(torch.from_numpy(local_indptr), torch.from_numpy(local), num_dst + sources.size,
                     src_degree=torch.from_numpy(src_degree),
-                    dst_degree=torch.from_numpy(in_deg[dst]))
+                    dst_degree=torch.from_numpy(np.ascontiguousarray(_rows(in_deg, dst))))
     return adj, sources
 
 
@@ -220,7 +230,7 @@ def _float32_rows(h: np.ndarray, dst: np.ndarray, sources: np.ndarray) -> np.nda
     """Rows ``dst`` then rows ``sources`` of ``h`` (both ascending) as one float32
     [B + S, d] array: forward gathers from a memmap."""
     rows = np.empty((dst.size + sources.size, h.shape[1]), dtype=np.float32)
-    rows[:dst.size] = h[dst]
+    rows[:dst.size] = _rows(h, dst)
     rows[dst.size:] = h[sources]
     return rows
 

@@ -124,7 +124,9 @@ def resolve_seed_nodes(store: GraphStore, spec: str) -> np.ndarray:
 
 @contextlib.contextmanager
 def one_omp_thread() -> Iterator[None]:
-    """Run DGL's sampling single-threaded: the OpenMP pool contends with compute threads."""
+    """Run DGL's sampling single-threaded: with several OpenMP threads the node order of its
+    blocks depends on thread scheduling (batches would not be reproducible), and the pool
+    contends with compute threads."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -163,12 +165,14 @@ class NeighborBatchSampler:
         return adj.with_degrees(src_degree=out_deg[src_ids], dst_degree=in_deg[dst_ids])
 
     def sample(self, seeds: torch.Tensor, rng_seed: int, independent: bool) -> SampledBatch:
-        dgl.seed(rng_seed)
-        first, sample_s, gather_s = self.sample_view(seeds)
-        second = first
-        if independent:
-            second, more_sample, more_gather = self.sample_view(seeds)
-            sample_s, gather_s = sample_s + more_sample, gather_s + more_gather
+        """The batch of ``seeds`` [B] int64; the same ``rng_seed`` gives the same blocks."""
+        with one_omp_thread():
+            dgl.seed(rng_seed)
+            first, sample_s, gather_s = self.sample_view(seeds)
+            second = first
+            if independent:
+                second, more_sample, more_gather = self.sample_view(seeds)
+                sample_s, gather_s = sample_s + more_sample, gather_s + more_gather
         return SampledBatch(seeds, (first, second), sample_s, gather_s)
 
 
@@ -262,23 +266,21 @@ class BatchLoader:
         """The batches of global steps ``first_step .. last_step - 1``, in order."""
         dataset = _RunBatches(self, first_step, last_step)
         if self.config.num_workers == 0:
-            for index in range(len(dataset)):
-                # Released before the yield: the training step that consumes the batch
-                # should use every thread.
-                with one_omp_thread():
-                    batch = dataset[index]
-                yield batch
+            yield from (dataset[index] for index in range(len(dataset)))
             return
+        # A generator of its own: the loader draws its workers' base seed from it instead of
+        # from torch's global generator, whose state a checkpoint restores (dropout draws).
         yield from DataLoader(
             dataset, batch_size=None, shuffle=False, num_workers=self.config.num_workers,
             multiprocessing_context="forkserver", prefetch_factor=4, worker_init_fn=_worker_init,
+            generator=torch.Generator(),
         )
 
 
 def _worker_init(_: int) -> None:
-    # The training process turns SIGINT/SIGTERM (a Ctrl-C reaches the whole process group)
-    # into a checkpoint and a clean stop, then shuts the workers down; a worker killed by the
-    # signal first would make its next batch fail with a traceback instead.
+    # A Ctrl-C reaches the whole process group. The training process turns it into a
+    # checkpoint and a clean stop, then shuts the workers down; a worker killed by it first
+    # would make the next batch fail with a traceback instead. (SIGTERM keeps its default:
+    # multiprocessing terminates leftover workers with it at exit.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(1)

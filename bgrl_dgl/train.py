@@ -125,6 +125,17 @@ def build_model(feat_dim: int, config: ModelConfig, seed: int) -> BGRL:
     return BGRL(encoder, Predictor(encoder.out_dim, config.predictor_hidden))
 
 
+def load_model_weights(model: BGRL, weights: dict[str, torch.Tensor], checkpoint: Path) -> None:
+    """Load a checkpoint's weights into ``model``; InputError when they do not fit it (the
+    run is resumed or read with model settings other than those it was trained with)."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        problems = str(err).splitlines()
+        raise InputError(checkpoint, "its weights do not fit the model of the run's settings "
+                                     f"({problems[-1].strip()})") from None
+
+
 class StopRequest:
     """Turns SIGINT/SIGTERM into a flag checked between steps (checkpoint, then exit 0)."""
 
@@ -266,8 +277,8 @@ class Trainer:
             "feat_dim": self.store.feat_dim,
         }
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+    def load_state(self, state: dict[str, Any], checkpoint: Path) -> None:
+        load_model_weights(self.model, state["model"], checkpoint)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
@@ -309,7 +320,7 @@ def train(data: str | Path, run_dir: str | Path, config: TrainConfig, *, resume:
     checkpoint = prepare_run_dir(run_dir, resume)
     state = load_checkpoint(checkpoint) if checkpoint is not None else None
     if state is not None:
-        trainer.load_state(state)
+        trainer.load_state(state, checkpoint)
     if trainer.is_main:
         cfg.save_yaml(cfg.to_dict(config), run_dir / "config.yaml")
         cfg.save_yaml({"data": str(Path(data).resolve()), "feat_dim": store.feat_dim,
@@ -336,6 +347,6 @@ def load_encoder(run_dir: str | Path, which: Literal["online", "target", "random
         checkpoint = latest_checkpoint(Path(run_dir))
         if checkpoint is None:
             raise InputError(run_dir, "holds no checkpoint")
-        model.load_state_dict(load_checkpoint(checkpoint)["model"])
+        load_model_weights(model, load_checkpoint(checkpoint)["model"], checkpoint)
     encoder = model.target if which == "target" else model.online
     return encoder.eval()

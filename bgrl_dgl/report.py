@@ -1,0 +1,167 @@
+"""A run at a glance: a text summary and a PNG of loss, learning rate, tau and probe accuracy
+over the training steps.
+
+Training writes ``RUN/metrics.jsonl`` (one line per logged step); ``bgrl-dgl evaluate --run
+RUN`` appends one line per linear probe to ``RUN/evaluations.jsonl`` (the probed checkpoint's
+step, encoder, splits and accuracies). The plot needs matplotlib, an optional extra
+(``pip install 'bgrl-dgl[plot]'``); the summary does not.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+
+METRICS_FILE = "metrics.jsonl"
+EVALUATIONS_FILE = "evaluations.jsonl"
+INSTALL_PLOT = "pip install 'bgrl-dgl[plot]'"
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of the non-empty lines of ``path``."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise InputError(path, "not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(path, f"unreadable ({err})") from None
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(path, f"line {number} is not valid JSON ({err})") from None
+        if not isinstance(record, dict):
+            raise InputError(path, f"line {number} is not a JSON object")
+        records.append(record)
+    return records
+
+
+def check_run_dir(run_dir: str | os.PathLike) -> Path:
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise InputError(run_dir, "not a run directory (no config.yaml)")
+    return run_dir
+
+
+def append_evaluation(run_dir: str | os.PathLike, record: dict[str, Any]) -> Path:
+    """Append one probe result to ``RUN/evaluations.jsonl`` (a single write of one line)."""
+    path = check_run_dir(run_dir) / EVALUATIONS_FILE
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+    return path
+
+
+@dataclass(frozen=True)
+class RunHistory:
+    """The logged metrics of a run (ascending steps) and its probe results."""
+
+    run_dir: Path
+    metrics: list[dict[str, Any]]
+    evaluations: list[dict[str, Any]]
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike) -> "RunHistory":
+        run_dir = check_run_dir(run_dir)
+        metrics = read_jsonl(run_dir / METRICS_FILE)
+        required = ("step", "loss", "lr", "tau", "seeds_per_s", "compute_s", "wait_s")
+        for number, record in enumerate(metrics, start=1):
+            missing = [key for key in required if key not in record]
+            if missing:
+                raise InputError(run_dir / METRICS_FILE, f"line {number} lacks {', '.join(missing)}")
+        if not metrics:
+            raise InputError(run_dir / METRICS_FILE, "holds no logged steps yet")
+        evaluations_path = run_dir / EVALUATIONS_FILE
+        evaluations = read_jsonl(evaluations_path) if evaluations_path.exists() else []
+        return cls(run_dir, sorted(metrics, key=lambda m: m["step"]), evaluations)
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        return [m["step"] for m in self.metrics], [m[key] for m in self.metrics]
+
+    def summary(self) -> dict[str, Any]:
+        """steps, final and best loss, mean seeds/s, and the training time estimated as
+        steps x the mean logged step time (compute + waiting for batches)."""
+        best = min(self.metrics, key=lambda m: m["loss"])
+        step_s = sum(m["compute_s"] + m["wait_s"] for m in self.metrics) / len(self.metrics)
+        last = self.metrics[-1]
+        return {
+            "run": str(self.run_dir),
+            "steps": last["step"],
+            "final_loss": last["loss"],
+            "best_loss": best["loss"],
+            "best_loss_step": best["step"],
+            "seeds_per_s": sum(m["seeds_per_s"] for m in self.metrics) / len(self.metrics),
+            "train_s_estimate": step_s * last["step"],
+            "evaluations": len(self.evaluations),
+        }
+
+
+def format_summary(summary: dict[str, Any], evaluations: list[dict[str, Any]]) -> str:
+    lines = [
+        f"run {summary['run']}: {summary['steps']} steps",
+        f"loss: final {summary['final_loss']:.4f}, best {summary['best_loss']:.4f} "
+        f"(step {summary['best_loss_step']})",
+        f"throughput: {summary['seeds_per_s']:.0f} seeds/s (mean of the logged steps)",
+        f"wall: about {summary['train_s_estimate']:.1f} s of training "
+        "(steps x mean logged step time)",
+    ]
+    for record in evaluations:
+        lines.append(f"probe at step {record['step']} ({record['encoder']} encoder, "
+                     f"{record['splits']} splits): test {100 * record['test_acc_mean']:.2f} ± "
+                     f"{100 * record['test_acc_std']:.2f}")
+    return "\n".join(lines)
+
+
+def plot_history(history: RunHistory, out: Path) -> Path:
+    """Draw loss, lr, tau and probe accuracy against the step into the PNG ``out``
+    (written to a temp name, then renamed). InputError when matplotlib is missing."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise InputError(None, f"the plot needs matplotlib: {INSTALL_PLOT}") from None
+
+    figure = Figure(figsize=(11, 7), layout="constrained")
+    FigureCanvasAgg(figure)
+    figure.suptitle(f"BGRL run {history.run_dir.name}")
+    axes = figure.subplots(2, 2, sharex=True)
+    for ax, key, title in ((axes[0, 0], "loss", "loss"), (axes[0, 1], "lr", "learning rate"),
+                           (axes[1, 0], "tau", "target EMA momentum τ")):
+        steps, values = history.series(key)
+        ax.plot(steps, values, marker="o" if len(steps) < 30 else None)
+        ax.set_title(title)
+    plot_accuracy(axes[1, 1], history.evaluations)
+    for ax in axes[1]:
+        ax.set_xlabel("step")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.png")
+    try:
+        figure.savefig(tmp, dpi=100)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def plot_accuracy(ax: Any, evaluations: list[dict[str, Any]]) -> None:
+    """Test accuracy (mean ± std over splits) per step, one line per (encoder, splits)."""
+    ax.set_title("linear probe: test accuracy")
+    if not evaluations:
+        ax.text(0.5, 0.5, "no evaluations yet:\nbgrl-dgl evaluate --run RUN ...",
+                ha="center", va="center", transform=ax.transAxes)
+        return
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for record in evaluations:
+        groups.setdefault((record["encoder"], record["splits"]), []).append(record)
+    for (encoder, splits), records in sorted(groups.items()):
+        records.sort(key=lambda r: r["step"])
+        ax.errorbar([r["step"] for r in records], [r["test_acc_mean"] for r in records],
+                    yerr=[r["test_acc_std"] for r in records], marker="o", capsize=3,
+                    label=f"{encoder}, {splits} splits")
+    ax.legend()

@@ -1,0 +1,132 @@
+"""Benchmark ``bgrl-dgl embed``: nodes per second and peak anonymous memory of exporting the
+exact layer-wise embeddings of every node of a large graph to Parquet.
+
+The store is a synthetic graph (default: 10M nodes, average input degree 10, 128-d float16
+features, 16 classes), prepared once into ``data/bench-export-<size>`` and reused. The
+encoder is a 2-layer GCN (``--hidden``) from a one-step run made once with ``train
+--max-steps 1`` next to the store. ``python -m bgrl_dgl embed`` then runs in a subprocess
+under ``memwatch``: peak ``RssAnon`` summed over the process and its children (the pages of
+the memory-mapped store, scratch layers and output files are file-backed and not counted).
+
+The last line printed is one JSON object with ``nodes_per_s`` (nodes over the embed
+command's wall time, start-up included), ``peak_anon_gb`` (GiB, 2**30 bytes), ``wall_s``,
+``output_gb`` and the settings. Goal: peak anonymous memory <= 2.5 GB at 10M nodes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from memwatch import GIB, measure_command
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-nodes", type=int, default=10_000_000)
+    parser.add_argument("--avg-degree", type=float, default=10.0,
+                        help="input edges per node of the synthetic graph (default: 10)")
+    parser.add_argument("--feat-dim", type=int, default=128)
+    parser.add_argument("--hidden", default="256,128", help="encoder layer sizes (default: 256,128)")
+    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                        help="embedding dtype of the export (default: float32)")
+    parser.add_argument("--batch-size", type=int, default=4096,
+                        help="destination nodes per inference batch (default: 4096)")
+    parser.add_argument("--out", type=Path,
+                        help="export directory to write and keep (default: a temporary one "
+                             "under data/, deleted afterwards)")
+    return parser.parse_args(argv)
+
+
+def size_label(num_nodes: int) -> str:
+    """10_000_000 -> '10m', 200_000 -> '200k'."""
+    for unit, suffix in ((1_000_000, "m"), (1_000, "k")):
+        if num_nodes % unit == 0:
+            return f"{num_nodes // unit}{suffix}"
+    return str(num_nodes)
+
+
+def run_module(*args: str) -> None:
+    """``python -m bgrl_dgl ARGS``, failing the benchmark if it fails."""
+    command = [sys.executable, "-m", "bgrl_dgl", *args]
+    print("running:", " ".join(command), flush=True)
+    if subprocess.run(command, cwd=REPO, stdin=subprocess.DEVNULL, timeout=3600).returncode:
+        sys.exit(f"failed: {' '.join(command)}")
+
+
+def prepared_store(args: argparse.Namespace) -> Path:
+    """The synthetic store of ``args``, prepared unless it already exists."""
+    store = DATA / f"bench-export-{size_label(args.num_nodes)}"
+    if not (store / "meta.json").exists():
+        run_module("prepare", "synthetic", "--out", str(store), "--num-nodes", str(args.num_nodes),
+                   "--avg-degree", str(args.avg_degree), "--feat-dim", str(args.feat_dim),
+                   "--num-classes", "16", "--feature-dtype", "float16")
+    return store
+
+
+def one_step_run(store: Path, hidden: str) -> Path:
+    """A run of one training step on ``store`` (made once): the encoder to export with."""
+    run = store.with_name(f"{store.name}-run-{hidden.replace(',', '-')}")
+    if not (run / "checkpoints").is_dir():
+        shutil.rmtree(run, ignore_errors=True)
+        run_module("train", "--data", str(store), "--out", str(run), "--max-steps", "1",
+                   "--hidden", hidden, "--num-workers", "0", "--batch-size", "256")
+    return run
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def bench(args: argparse.Namespace, run: Path, out: Path) -> dict:
+    command = [sys.executable, "-m", "bgrl_dgl", "embed", "--run", str(run), "--out", str(out),
+               "--overwrite", "--dtype", args.dtype, "--batch-size", str(args.batch_size)]
+    print("running:", " ".join(command), flush=True)
+    result = measure_command(command, cwd=REPO, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        sys.exit(f"{result.stderr}embed failed with exit code {result.returncode}")
+    manifest = json.loads((out / "_manifest.json").read_text())
+    report = {
+        "nodes_per_s": manifest["num_nodes"] / result.wall_s,
+        "peak_anon_gb": result.peak_anon_gib,
+        "wall_s": result.wall_s,
+        "output_gb": directory_bytes(out) / GIB,
+        "num_nodes": manifest["num_nodes"],
+        "num_edges": manifest["data"]["num_edges"],
+        "dim": manifest["dim"],
+        "dtype": manifest["dtype"],
+        "hidden": args.hidden,
+        "parts": len(manifest["parts"]),
+        "batch_size": args.batch_size,
+    }
+    print(result.stdout.strip())
+    print(f"embedded {report['num_nodes']:,} nodes ({report['num_edges']:,} edges) in "
+          f"{result.wall_s:.1f} s: {report['nodes_per_s']:,.0f} nodes/s")
+    print(f"peak anonymous memory: {result.peak_anon_gib:.2f} GiB; output "
+          f"{report['output_gb']:.2f} GiB in {report['parts']} parts")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    store = prepared_store(args)
+    run = one_step_run(store, args.hidden)
+    if args.out is not None:
+        report = bench(args, run, args.out)
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench-export-", dir=DATA) as tmp:
+            report = bench(args, run, Path(tmp) / "embeddings")
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
