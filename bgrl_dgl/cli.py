@@ -1,4 +1,4 @@
-"""The ``bgrl-dgl`` command line: prepare, info, train, probe."""
+"""The ``bgrl-dgl`` command line: prepare, info, train, probe, embed, evaluate, report."""
 from __future__ import annotations
 
 import argparse
