@@ -104,11 +104,20 @@ class GCNConv(nn.Module):
             adj = adj.self_looped
         src_degree, dst_degree = adj.normalising_degrees
         h = x * src_degree.clamp(min=1).rsqrt().to(x.dtype).unsqueeze(-1)
-        if self.in_dim > self.out_dim:
+        if self._project_first(adj):
             h = weighted_sum(adj, None, h @ self.weight)
         else:
             h = weighted_sum(adj, None, h) @ self.weight
         return h * dst_degree.clamp(min=1).rsqrt().to(h.dtype).unsqueeze(-1) + self.bias
+
+
+    def _project_first(self, adj: Adjacency) -> bool:
+        """Whether multiplying by W before aggregating costs fewer multiply-adds: the
+        projection runs on every source row, the aggregation-first product only on the
+        destinations (sampled blocks have several sources per destination)."""
+        project = adj.num_src * self.in_dim * self.out_dim + adj.num_edges * self.out_dim
+        aggregate = adj.num_edges * self.in_dim + adj.num_dst * self.in_dim * self.out_dim
+        return project < aggregate
 
 
 class GATConv(nn.Module):
