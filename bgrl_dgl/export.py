@@ -16,8 +16,9 @@ source), else its store index. The underscore files are skipped by ``pyarrow.dat
 pandas, so ``pandas.read_parquet(OUT)`` reads the embeddings alone.
 
 Part ``p`` holds rows ``[p * rows_per_part, (p + 1) * rows_per_part)`` of the exported nodes
-(all nodes, or the ``--nodes`` subset, ascending). Its content depends only on the inputs,
-so parts are computed independently of one another:
+(all nodes, or the ``--nodes`` subset, ascending). Its content depends only on the inputs
+(up to float rounding: layers may order their products by the shape of a batch), so parts
+are computed independently of one another:
 
 - Each part is written under a temporary name and renamed when complete. A rerun with the
   same inputs keeps the complete parts and computes and writes only the missing ones (with

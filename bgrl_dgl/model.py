@@ -21,7 +21,7 @@ from .config import field
 @dataclass
 class ModelConfig:
     conv: Literal["gcn", "sage", "gat"] = field("gcn", "graph convolution of every encoder layer")
-    hidden: list[int] = field([512, 256], "output size of each encoder layer; the last is the embedding size")
+    hidden: list[int] = field([512, 512], "output size of each encoder layer; the last is the embedding size")
     norm: Literal["batch", "layer", "none"] = field("batch", "normalisation after each convolution")
     final_activation: bool = field(True, "normalise and apply PReLU after the last layer too, as BGRL's encoder does")
     heads: int = field(4, "attention heads of GAT layers; each layer's size is split across its heads")

@@ -219,7 +219,9 @@ def test_rerun_after_a_crash_writes_only_the_missing_part(cli, run_dir, tmp_path
     assert (out / "_SUCCESS").exists()
     after = read_export(out)
     np.testing.assert_array_equal(after[0], before[0])
-    np.testing.assert_array_equal(after[1], before[1])
+    # The rerun batches other nodes together, and GCN layers order their products by the
+    # batch's shape: equal up to float32 rounding.
+    np.testing.assert_allclose(after[1], before[1], rtol=1e-5, atol=1e-6)
 
 
 def test_complete_or_foreign_output_is_refused_without_overwrite(cli, run_dir, tmp_path):

@@ -298,7 +298,7 @@ def test_model_config_rejects_bad_values(kwargs, message):
 def test_model_config_defaults_and_help():
     import dataclasses
     config = ModelConfig()
-    assert (config.conv, config.hidden, config.norm, config.heads) == ("gcn", [512, 256], "batch", 4)
+    assert (config.conv, config.hidden, config.norm, config.heads) == ("gcn", [512, 512], "batch", 4)
     assert config.hidden is not ModelConfig().hidden
     assert all(f.metadata.get("help") for f in dataclasses.fields(ModelConfig))
 
