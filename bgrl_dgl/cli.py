@@ -14,12 +14,13 @@ from .errors import InputError
 GLOBAL_TOPOLOGY = {"symmetrize": False, "self_loops": "keep", "dedup": True}
 
 
-def add_prepare_parser(commands: argparse._SubParsersAction) -> None:
-    from .sources import available_sources
+def add_prepare_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -> None:
+    from .sources import SOURCE_NAMES, available_sources
 
     prepare = commands.add_parser("prepare", help="turn a graph into an on-disk store")
     formats = prepare.add_subparsers(dest="source", required=True, metavar="SOURCE")
-    for source in available_sources().values():
+    chosen = _word_after(argv, "prepare")
+    for source in available_sources((chosen,) if chosen in SOURCE_NAMES else SOURCE_NAMES).values():
         parser = formats.add_parser(source.name, help=source.help, description=source.help)
         parser.add_argument("--out", required=True, help="store directory to create")
         parser.add_argument("--overwrite", action="store_true",
@@ -280,25 +281,41 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
-PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_prepare_parser,
-    add_info_parser,
-    add_train_parser,
-    add_probe_parser,
-    add_embed_parser,
-    add_evaluate_parser,
-    add_report_parser,
-]
+PARSER_BUILDERS: dict[str, Callable[..., None]] = {
+    "prepare": add_prepare_parser,
+    "info": add_info_parser,
+    "train": add_train_parser,
+    "probe": add_probe_parser,
+    "embed": add_embed_parser,
+    "evaluate": add_evaluate_parser,
+    "report": add_report_parser,
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _word_after(argv: Sequence[str], word: str | None) -> str | None:
+    """The first argument after ``word`` (from the start when None) that is not an option."""
+    rest = list(argv)
+    if word is not None:
+        rest = rest[rest.index(word) + 1:] if word in rest else []
+    return next((arg for arg in rest if not arg.startswith("-")), None)
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser; for a known command in ``argv``, with that command's options only, so
+    that a command does not import what only the others need."""
     parser = argparse.ArgumentParser(
         prog="bgrl-dgl",
         description="Scalable mini-batch BGRL on DGL-sampled blocks over an on-disk graph store.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add_parser in PARSER_BUILDERS:
-        add_parser(commands)
+    command = _word_after(argv, None)
+    for name, add_parser in PARSER_BUILDERS.items():
+        if command in PARSER_BUILDERS and name != command:
+            continue
+        if name == "prepare":
+            add_prepare_parser(commands, argv)
+        else:
+            add_parser(commands)
     return parser
 
 
@@ -307,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
     if debug:
         argv.remove("--debug")
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return args.handler(args)
     except InputError as err:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import pkgutil
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -37,12 +36,16 @@ class Source:
 UNDIRECTED = {"symmetrize": True, "self_loops": "remove", "dedup": True}
 
 
-def available_sources() -> dict[str, Source]:
-    """Name -> Source for every module of this package that defines ``SOURCE``."""
-    found = {}
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        source = getattr(module, "SOURCE", None)
-        if isinstance(source, Source):
-            found[source.name] = source
-    return found
+# Each named module defines SOURCE; importing one only when it is used keeps the command line
+# quick (several formats need torch, pandas or ogb).
+SOURCE_NAMES = ("synthetic", "npz", "planetoid", "parquet", "ogb", "mag240m")
+
+
+def load_source(name: str) -> Source:
+    """The Source of module ``name`` (one of :data:`SOURCE_NAMES`)."""
+    return importlib.import_module(f"{__name__}.{name}").SOURCE
+
+
+def available_sources(names: tuple[str, ...] = SOURCE_NAMES) -> dict[str, Source]:
+    """Name -> Source for ``names`` (default: every format)."""
+    return {name: load_source(name) for name in names}
