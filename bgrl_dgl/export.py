@@ -62,7 +62,7 @@ from .inference import embed_store
 from .model import Encoder
 from .sampling import NeighborBatchSampler, batch_rng_seed
 from .sources.splits import SPLIT_NAMES
-from .store import GraphStore
+from .store import GraphStore, read_node_ids
 from .train import TrainConfig, build_model, load_encoder, load_run_config, resolve_device
 
 FORMAT = "bgrl-dgl-embeddings/1"
@@ -145,23 +145,6 @@ def load_export_encoder(run: str | os.PathLike | None, checkpoint: str | os.Path
 
 
 # ---- what is exported ----------------------------------------------------------------------
-def read_node_ids(path: str | os.PathLike, num_nodes: int) -> np.ndarray:
-    """Store node indices [M] int64 (ascending, distinct) from a .npy file of integer ids."""
-    path = Path(path)
-    try:
-        ids = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise InputError(path, f"cannot read node ids ({err})") from None
-    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise InputError(path, f"node ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
-    ids = np.unique(ids.astype(np.int64))
-    if ids.size == 0:
-        raise InputError(path, "holds no node ids")
-    if ids[0] < 0 or ids[-1] >= num_nodes:
-        raise InputError(path, f"node ids must be store indices in [0, {num_nodes})")
-    return ids
-
-
 @dataclass(frozen=True)
 class PartLayout:
     """How the exported rows (all nodes, or the ascending store indices ``nodes``) are cut

@@ -490,3 +490,24 @@ class GraphStore:
         if "created" in self.meta:
             summary["created"] = self.meta["created"]
         return summary
+
+
+def read_node_ids(path: str | os.PathLike, num_nodes: int, what: str = "node ids") -> np.ndarray:
+    """Distinct store indices [M] int64, ascending, from a .npy file of integer ids.
+
+    ``what`` names the ids in errors; an unreadable file, a non-integer or non-1-D array, no
+    ids or an id outside [0, num_nodes) is an InputError naming the file.
+    """
+    path = Path(path)
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise InputError(path, f"cannot read {what} ({err})") from None
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise InputError(path, f"{what} must be a 1-D integer array, got {ids.dtype} {ids.shape}")
+    ids = np.unique(ids.astype(np.int64))
+    if ids.size == 0:
+        raise InputError(path, f"holds no {what}")
+    if ids[0] < 0 or ids[-1] >= num_nodes:
+        raise InputError(path, f"{what} must be store indices in [0, {num_nodes})")
+    return ids
