@@ -11,6 +11,7 @@ resumed run sees exactly the batches an uninterrupted one would.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import signal
 import time
@@ -24,9 +25,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .adjacency import Adjacency
-from .config import field
+from .config import field, parse_size
 from .errors import InputError
-from .store import GraphStore
+from .features import CachePolicy, FeatureCache, advise_random_reads, read_rows
+from .store import GraphStore, read_node_ids
 
 
 @dataclass
@@ -36,8 +38,17 @@ class SamplingConfig:
     num_workers: int = field(1, "sampling worker processes (0 = sample in the training process)")
     seeds: str = field("all", "seed nodes: 'all', 'split:NAME' (e.g. split:train) or a .npy file of ids")
     graph_degrees: bool = field(True, "normalise GCN layers by whole-graph degrees, not sampled ones")
+    cache_bytes: str = field("0", "host memory for the feature rows of hot nodes, shared by the "
+                                  "machine's processes (e.g. 2GB; 0 = no cache)")
+    cache_policy: CachePolicy = field("degree", "which nodes the cache holds: 'degree' (highest "
+                                                "in-degree) or 'sampled' (most often sampled)")
 
     def __post_init__(self) -> None:
+        self.cache_bytes = str(self.cache_bytes)
+        try:
+            parse_size(self.cache_bytes)
+        except argparse.ArgumentTypeError as err:
+            raise ValueError(f"cache_bytes: {err}") from None
         if not self.fanouts or any(f == 0 or f < -1 for f in self.fanouts):
             raise ValueError("fanouts must be positive integers or -1 (all neighbours)")
         if self.batch_size <= 0:
@@ -45,22 +56,32 @@ class SamplingConfig:
         if self.num_workers < 0:
             raise ValueError("num_workers must be >= 0")
 
+    @property
+    def cache_size(self) -> int:
+        """``cache_bytes`` in bytes."""
+        return parse_size(self.cache_bytes)
+
 
 @dataclass
 class SampledView:
     """One sampled computation graph: ``adjs[0]`` consumes ``features``.
 
     ``input_nodes``: [adjs[0].num_src] int64 store ids; ``features``: [adjs[0].num_src, F]
-    float32; ``adjs[-1].num_dst`` equals the number of seed nodes.
+    float32; ``adjs[-1].num_dst`` equals the number of seed nodes. ``cache_hits`` and
+    ``cache_misses`` count the feature rows found in and missing from the feature cache (both 0
+    without one).
     """
 
     adjs: list[Adjacency]
     input_nodes: torch.Tensor
     features: torch.Tensor
+    cache_hits: int = 0
+    cache_misses: int = 0
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "SampledView":
         return SampledView([a.to(device) for a in self.adjs], self.input_nodes,
-                           self.features.to(device, non_blocking=non_blocking))
+                           self.features.to(device, non_blocking=non_blocking),
+                           self.cache_hits, self.cache_misses)
 
 
 @dataclass
@@ -71,6 +92,12 @@ class SampledBatch:
     views: tuple[SampledView, SampledView]
     sample_s: float
     gather_s: float
+
+    @property
+    def cache_lookups(self) -> tuple[int, int]:
+        """(hits, misses) of the feature cache over the batch's distinct views."""
+        views = self.views[:1] if self.views[0] is self.views[1] else self.views
+        return sum(v.cache_hits for v in views), sum(v.cache_misses for v in views)
 
 
 def batch_rng_seed(seed: int, epoch: int, batch: int) -> int:
@@ -101,24 +128,15 @@ def rank_batch_positions(num_seeds: int, seed: int, epoch: int, batch_size: int,
 
 
 def resolve_seed_nodes(store: GraphStore, spec: str) -> np.ndarray:
-    """The training seed node ids [S] int64 named by ``spec`` ('all', 'split:NAME', file.npy)."""
+    """The training seed node ids [S] int64 named by ``spec`` ('all', 'split:NAME', file.npy
+    of store indices, duplicates ignored)."""
     if spec == "all":
-        ids = np.arange(store.num_nodes, dtype=np.int64)
-    elif spec.startswith("split:"):
-        ids = np.asarray(store.split(spec.removeprefix("split:")), dtype=np.int64)
-    else:
-        path = Path(spec)
-        try:
-            ids = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as err:
-            raise InputError(path, f"cannot read seed ids ({err})") from None
-        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-            raise InputError(path, "seed ids must be a 1-D integer array")
-        if ids.size and (ids.min() < 0 or ids.max() >= store.num_nodes):
-            raise InputError(path, f"seed ids must lie in [0, {store.num_nodes})")
-        ids = ids.astype(np.int64)
+        return np.arange(store.num_nodes, dtype=np.int64)
+    if not spec.startswith("split:"):
+        return read_node_ids(spec, store.num_nodes, what="seed ids")
+    ids = np.asarray(store.split(spec.removeprefix("split:")), dtype=np.int64)
     if ids.size == 0:
-        raise InputError(store.path if spec != "all" else None, f"no seed nodes in {spec!r}")
+        raise InputError(store.path, f"no seed nodes in {spec!r}")
     return ids
 
 
@@ -138,8 +156,12 @@ def one_omp_thread() -> Iterator[None]:
 class NeighborBatchSampler:
     """Samples the blocks of one seed batch from the store's graph and gathers features."""
 
-    def __init__(self, store: GraphStore, fanouts: list[int], graph_degrees: bool) -> None:
+    def __init__(self, store: GraphStore, fanouts: list[int], graph_degrees: bool,
+                 cache: FeatureCache | None = None) -> None:
         self.store = store
+        self.cache = cache
+        if cache is not None:
+            advise_random_reads(store.features)  # the misses are scattered cold reads
         self.graph = store.graph
         # DGL 2.1.0's fused sampler (its default whenever OpenMP has several threads) keeps an
         # int64 node mapping between calls that its int32 kernel misreads: from the second
@@ -152,8 +174,16 @@ class NeighborBatchSampler:
         input_nodes, _, blocks = self.sampler.sample_blocks(self.graph, seeds.to(self.graph.idtype))
         adjs = [self._adjacency(block) for block in blocks]
         sampled = time.perf_counter()
-        features = gather_features(self.store.features, input_nodes)
-        return SampledView(adjs, input_nodes.long(), features), sampled - start, time.perf_counter() - sampled
+        features, hits, misses = self._gather(input_nodes)
+        view = SampledView(adjs, input_nodes.long(), features, hits, misses)
+        return view, sampled - start, time.perf_counter() - sampled
+
+    def _gather(self, nodes: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """Features of ``nodes`` ([len(nodes), F] float32), cache hits and cache misses."""
+        if self.cache is None:
+            return gather_features(self.store.features, nodes), 0, 0
+        rows, hits = self.cache.gather(self.store.features, nodes.numpy())
+        return torch.from_numpy(rows), hits, len(rows) - hits
 
     def _adjacency(self, block: dgl.DGLGraph) -> Adjacency:
         adj = Adjacency.from_block(block)
@@ -183,16 +213,9 @@ def _graph_degrees(store: GraphStore) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def gather_features(features: np.ndarray, nodes: torch.Tensor) -> torch.Tensor:
-    """Rows ``nodes`` of the (memory-mapped) feature matrix as float32: [len(nodes), F].
-
-    Rows are read in ascending id order, which turns random reads of the mmap into a forward
-    scan, then put back in the requested order.
-    """
-    ids = nodes.numpy()
-    order = np.argsort(ids, kind="stable")
-    rows = np.empty((len(ids), features.shape[1]), dtype=np.float32)
-    rows[order] = features[ids[order]]
-    return torch.from_numpy(rows)
+    """Rows ``nodes`` of the (memory-mapped) feature matrix as float32: [len(nodes), F]
+    (see :func:`~bgrl_dgl.features.read_rows`)."""
+    return torch.from_numpy(read_rows(features, nodes.numpy()))
 
 
 class _RunBatches(Dataset):
@@ -207,6 +230,7 @@ class _RunBatches(Dataset):
         self.rank = loader.rank
         self.world_size = loader.world_size
         self.steps_per_epoch = loader.steps_per_epoch
+        self.cache_dir = loader.cache_dir
         self.first_step = first_step
         self.last_step = last_step
         self._sampler: NeighborBatchSampler | None = None
@@ -223,7 +247,9 @@ class _RunBatches(Dataset):
                 self.world_size))
         if self._sampler is None:
             store = GraphStore.open(self.store_path, check="none")
-            self._sampler = NeighborBatchSampler(store, self.config.fanouts, self.config.graph_degrees)
+            cache = None if self.cache_dir is None else FeatureCache.open(self.cache_dir)
+            self._sampler = NeighborBatchSampler(store, self.config.fanouts,
+                                                 self.config.graph_degrees, cache)
         seeds = torch.from_numpy(self.seed_nodes[self._epoch_order[1][batch]])
         return self._sampler.sample(seeds, batch_rng_seed(self.seed, epoch, batch), self.independent)
 
@@ -238,6 +264,8 @@ class BatchLoader:
     cut into global batches of at most ``world_size * batch_size`` seeds (see
     :func:`rank_batch_positions`); rank ``r`` takes slice ``r`` of every global batch, so all
     ranks run the same number of steps and together cover each seed once per epoch.
+    ``cache_dir``, when set, is the directory of the machine's
+    :class:`~bgrl_dgl.features.FeatureCache`, which every sampler attaches to.
     """
 
     def __init__(self, store: GraphStore, config: SamplingConfig, seed_nodes: np.ndarray, *,
@@ -251,6 +279,7 @@ class BatchLoader:
         self.independent = independent_views
         self.rank = rank
         self.world_size = world_size
+        self.cache_dir: Path | None = None
 
     @property
     def steps_per_epoch(self) -> int:

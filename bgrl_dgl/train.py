@@ -29,6 +29,7 @@ from .bgrl import BGRL, cosine_tau, embedding_std
 from .checkpoint import capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from .config import field
 from .errors import InputError
+from .features import check_cache_budget, training_cache
 from .model import Encoder, ModelConfig, Predictor
 from .sampling import BatchLoader, SampledBatch, SamplingConfig, resolve_seed_nodes
 from .store import GraphStore
@@ -217,6 +218,9 @@ class Trainer:
             "features_s": batch.gather_s,
             "compute_s": time.perf_counter() - start,
         }
+        hits, misses = batch.cache_lookups
+        if hits + misses:
+            metrics["cache_hit_rate"] = hits / (hits + misses)
         self.step += 1
         return metrics
 
@@ -317,6 +321,7 @@ def train(data: str | Path, run_dir: str | Path, config: TrainConfig, *, resume:
     store = GraphStore.open(data)
     # Built before the run directory is created, so that bad settings leave nothing behind.
     trainer = Trainer(config, store, run_dir, resolve_device(config.run.device), rank, world_size)
+    check_cache_budget(store, config.sampling.cache_size)
     checkpoint = prepare_run_dir(run_dir, resume)
     state = load_checkpoint(checkpoint) if checkpoint is not None else None
     if state is not None:
@@ -328,7 +333,10 @@ def train(data: str | Path, run_dir: str | Path, config: TrainConfig, *, resume:
         truncate_metrics(run_dir / "metrics.jsonl", trainer.step)
     if trainer.step >= trainer.total_steps:
         return {}
-    return trainer.fit()
+    # Built here, before the loader starts its workers, which attach to it by its path.
+    with training_cache(store, config.sampling, trainer.loader.seed_nodes, config.run.seed) as cache:
+        trainer.loader.cache_dir = None if cache is None else cache.directory
+        return trainer.fit()
 
 
 def load_run_config(run_dir: str | Path) -> tuple[TrainConfig, dict[str, Any]]:

@@ -122,15 +122,15 @@ def test_resolve_seed_nodes_all_split_and_file(store, tmp_path) -> None:
     ids = np.array([5, 149, 0, 5], dtype=np.int32)
     np.save(tmp_path / "seeds.npy", ids)
     loaded = resolve_seed_nodes(store, str(tmp_path / "seeds.npy"))
-    assert loaded.dtype == np.int64 and np.array_equal(loaded, ids)
+    assert loaded.dtype == np.int64 and np.array_equal(loaded, [0, 5, 149])  # a set of seeds
 
 
 @pytest.mark.parametrize("ids, problem", [
-    (np.array([3, NUM_NODES]), f"must lie in [0, {NUM_NODES})"),
-    (np.array([-1, 3]), f"must lie in [0, {NUM_NODES})"),
+    (np.array([3, NUM_NODES]), f"must be store indices in [0, {NUM_NODES})"),
+    (np.array([-1, 3]), f"must be store indices in [0, {NUM_NODES})"),
     (np.array([1.0, 2.0]), "1-D integer array"),
     (np.array([[1, 2]]), "1-D integer array"),
-    (np.array([], dtype=np.int64), "no seed nodes"),
+    (np.array([], dtype=np.int64), "holds no seed ids"),
 ])
 def test_bad_seed_files_are_input_errors(store, tmp_path, ids, problem) -> None:
     path = tmp_path / "seeds.npy"

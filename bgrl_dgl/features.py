@@ -1,0 +1,346 @@
+"""Feature gathering, and a host-memory cache of the feature rows of hot nodes shared by the
+processes of one machine.
+
+Neighbour sampling keeps returning to the same few nodes: in a power-law graph most sampled
+input nodes are the high-degree ones. A :class:`FeatureCache` holds the rows of the hottest
+nodes, chosen by a policy, within a byte budget, so that reads of a feature file much larger
+than memory are left for the cold rows:
+
+* ``degree``: the nodes of highest in-degree (a node is sampled about as often as it has
+  out-edges, which is its in-degree on the symmetric graphs this is meant for);
+* ``sampled``: the nodes that appear most often among the input nodes of a few hundred
+  batches sampled with the training fanouts (ties, and nodes never seen, by in-degree).
+
+One copy per machine. The cache is a directory in shared memory (``/dev/shm``)::
+
+    bgrl-dgl-cache-<key>/rows.npy    [C, F] the store's feature dtype: the cached rows, by id
+    bgrl-dgl-cache-<key>/slots.npy   [N] int32: row of node v in rows.npy, -1 = not cached
+    bgrl-dgl-cache-<key>/meta.json   what was cached, for whom; owner: pid of its owner
+
+``key`` hashes the features file (path, mtime, size), the policy and the budget (and, for
+``sampled``, the sampling settings), so a rebuilt store never meets a stale cache. One process
+writes the directory under a temporary name and renames it; every process, including
+DataLoader workers that are handed only the directory's path, memory-maps the files
+read-only, so the pages are shared, not copied. The budget counts the cached rows
+(``floor(budget / row bytes)`` rows, at most N); the slot map costs N * 4 bytes more (400 MB
+for 100M nodes), paid once per machine like the rows.
+
+The process that wrote the directory owns it and removes it when it closes the cache (at the
+end of a training run). A run that dies without closing it (SIGKILL, out of memory) leaves it
+in ``/dev/shm`` until the next reboot, or until the next run with the same key finds it,
+takes it over (the recorded owner is no longer alive) and removes it when it ends.
+
+A sampler that reads through a cache advises the kernel that its reads of the feature file
+are random (:func:`advise_random_reads`): the cache is meant for feature files larger than
+memory, whose uncached rows are cold reads scattered over the file, and by default each such
+page fault reads a whole read-ahead window around the row (128 KiB on most disks, 8 MiB on
+some virtual ones), mostly bytes no batch asks for.
+
+Host-to-device copies: the gathered rows are the staging buffer of the copy to the GPU. They
+are not pinned here: the workers that gather them would each need a CUDA context to pin
+memory, which costs far more than the pageable copy it would speed up.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import mmap
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Literal
+
+import dgl
+import numpy as np
+import torch
+
+from .errors import InputError
+from .store import NpyWriter
+
+if TYPE_CHECKING:
+    from .sampling import SamplingConfig
+    from .store import GraphStore
+
+CachePolicy = Literal["degree", "sampled"]
+CACHE_PREFIX = "bgrl-dgl-cache-"
+ROWS_FILE, SLOTS_FILE, META_FILE = "rows.npy", "slots.npy", "meta.json"
+# Batches sampled to count how often each node is an input node (the ``sampled`` policy).
+SAMPLED_BATCHES = 256
+# Bytes of feature rows copied into the cache at a time while it is written.
+COPY_CHUNK_BYTES = 64 << 20
+
+
+def default_cache_root() -> Path:
+    """Shared memory where the system has it, else the temporary directory."""
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() else Path(tempfile.gettempdir())
+
+
+def read_rows(features: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Rows ``ids`` [n] of the (memory-mapped) feature matrix [N, F] as float32 [n, F].
+
+    Rows are read in ascending id order, which turns random reads of the mmap into a forward
+    scan, then put back in the requested order.
+    """
+    order = np.argsort(ids, kind="stable")
+    rows = np.empty((len(ids), features.shape[1]), dtype=np.float32)
+    rows[order] = features[ids[order]]
+    return rows
+
+
+def advise_random_reads(features: np.ndarray) -> None:
+    """Make page faults on the memory-mapped ``features`` read only the page they need
+    (``MADV_RANDOM``: no read-around); arrays that are not memory maps are left alone."""
+    if isinstance(features.base, mmap.mmap):
+        features.base.madvise(mmap.MADV_RANDOM)
+
+
+def top_nodes(scores: np.ndarray, count: int) -> np.ndarray:
+    """Ids of the ``count`` highest ``scores`` [N], ascending: [min(count, N)] int64."""
+    if count >= len(scores):
+        return np.arange(len(scores), dtype=np.int64)
+    cut = len(scores) - count
+    return np.sort(np.argpartition(scores, cut)[cut:]).astype(np.int64)
+
+
+def count_sampled_inputs(graph: dgl.DGLGraph, fanouts: list[int], seed_nodes: np.ndarray,
+                         batch_size: int, num_batches: int, seed: int) -> np.ndarray:
+    """How often each node is an input node of ``num_batches`` sampled batches: [N] int64.
+
+    Each batch's seeds are drawn from ``seed_nodes`` at random (repeats dropped), so no
+    permutation of a possibly huge seed array is needed.
+    """
+    from .sampling import one_omp_thread  # sampling imports this module
+
+    # DGL 2.1.0's fused sampler corrupts the blocks of int32 graphs (see sampling.py).
+    sampler = dgl.dataloading.NeighborSampler(list(fanouts), fused=False)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xCAC4E]))
+    inputs = []
+    # Single-threaded like the training batches: dgl.seed under several OpenMP threads
+    # changes what every later batch of this process samples from its own seed.
+    with one_omp_thread():
+        dgl.seed(int(rng.integers(2**31)))
+        for _ in range(num_batches):
+            seeds = np.unique(seed_nodes[rng.integers(0, len(seed_nodes), size=batch_size)])
+            seeds = torch.from_numpy(seeds).to(graph.idtype)
+            input_nodes, _, _ = sampler.sample_blocks(graph, seeds)
+            inputs.append(input_nodes.numpy())
+    return np.bincount(np.concatenate(inputs), minlength=graph.num_nodes())
+
+
+def hot_nodes(store: "GraphStore", count: int, policy: CachePolicy, *, fanouts: list[int],
+              seed_nodes: np.ndarray, batch_size: int, seed: int) -> np.ndarray:
+    """The ``count`` nodes whose rows the cache holds under ``policy``: ascending int64 ids."""
+    degrees = store.in_degrees()
+    if policy == "degree":
+        return top_nodes(degrees, count)
+    if policy != "sampled":
+        raise ValueError(f"unknown cache policy {policy!r}")
+    counts = count_sampled_inputs(store.graph, fanouts, seed_nodes, batch_size,
+                                  SAMPLED_BATCHES, seed)
+    # By count, then by in-degree, as one int64 key: a node is counted at most once per batch.
+    return top_nodes(counts * (int(degrees.max(initial=0)) + 1) + degrees, count)
+
+
+def cache_key(store: "GraphStore", budget: int, policy: CachePolicy,
+              extra: dict[str, Any]) -> str:
+    """16 hex digits naming the cache of ``store``'s features under these settings."""
+    path = store.array_path("features").resolve()
+    stat = path.stat()
+    identity = [str(path), stat.st_mtime_ns, stat.st_size, policy, budget, extra]
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_directory(store: "GraphStore", budget: int, policy: CachePolicy,
+                    extra: dict[str, Any], root: Path | None = None) -> Path:
+    """Where the cache of these settings lives (whether or not it exists)."""
+    root = default_cache_root() if root is None else Path(root)
+    return root / f"{CACHE_PREFIX}{cache_key(store, budget, policy, extra)}"
+
+
+def cached_row_count(store: "GraphStore", budget: int) -> int:
+    """Rows that ``budget`` bytes hold: floor(budget / row bytes), at most N."""
+    row_bytes = store.feat_dim * store.feat_dtype.itemsize
+    count = min(budget // max(row_bytes, 1), store.num_nodes)
+    if count == 0:
+        raise InputError(None, f"--cache-bytes {budget} holds no feature row "
+                               f"({row_bytes} bytes each)")
+    return count
+
+
+def check_cache_budget(store: "GraphStore", budget: int) -> None:
+    """InputError unless ``budget`` is 0 (no cache) or holds at least one feature row."""
+    if budget:
+        cached_row_count(store, budget)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class FeatureCache:
+    """The cached rows and the id -> row map of one cache directory, memory-mapped read-only.
+
+    ``rows``: [C, F] in the store's feature dtype; ``slot_of``: [N] int32, -1 = not cached.
+    :meth:`open` attaches to an existing directory; :meth:`build` writes one (or attaches to
+    an existing one) and may own it. Closing an owning cache removes the directory.
+    """
+
+    def __init__(self, directory: Path, owner: bool) -> None:
+        self.directory = Path(directory)
+        self.owner = owner
+        self.closed = False
+        self.rows: np.ndarray = np.load(self.directory / ROWS_FILE, mmap_mode="r")
+        self.slot_of: np.ndarray = np.load(self.directory / SLOTS_FILE, mmap_mode="r")
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike) -> "FeatureCache":
+        """Attach to the cache in ``directory`` (e.g. in a worker process); never owns it."""
+        return cls(Path(directory), owner=False)
+
+    @classmethod
+    def build(cls, store: "GraphStore", budget: int, policy: CachePolicy = "degree", *,
+              fanouts: list[int] | None = None, seed_nodes: np.ndarray | None = None,
+              batch_size: int = 256, seed: int = 0, root: Path | None = None) -> "FeatureCache":
+        """The machine's cache of ``store``'s hot rows within ``budget`` bytes.
+
+        Written by this process unless it exists already; ``fanouts``, ``seed_nodes``,
+        ``batch_size`` and ``seed`` drive the sampling pass of the ``sampled`` policy
+        (default: fanouts [10, 10] over all nodes).
+        """
+        fanouts = [10, 10] if fanouts is None else list(fanouts)
+        if seed_nodes is None:
+            seed_nodes = np.arange(store.num_nodes, dtype=np.int64)
+        extra: dict[str, Any] = {}
+        if policy == "sampled":
+            digest = hashlib.blake2b(np.ascontiguousarray(seed_nodes).data, digest_size=8)
+            extra = {"fanouts": fanouts, "batch_size": batch_size, "seed": seed,
+                     "seed_nodes": digest.hexdigest()}
+        directory = cache_directory(store, budget, policy, extra, root)
+        count = cached_row_count(store, budget)
+        # One writer per store at a time: the others wait, then attach to what it wrote.
+        with open(store.array_path("features"), "rb") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            for stale in directory.parent.glob(f"{directory.name}.tmp-*"):  # a dead writer's
+                shutil.rmtree(stale, ignore_errors=True)
+            if directory.is_dir():
+                owner = adopt_if_orphaned(directory)
+            else:
+                ids = hot_nodes(store, count, policy, fanouts=fanouts, seed_nodes=seed_nodes,
+                                batch_size=batch_size, seed=seed)
+                write_cache(directory, store, ids, {"policy": policy, "budget": budget, **extra})
+                owner = True
+        return cls(directory, owner)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.rows)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the cached rows (the slot map adds ``4 * N``)."""
+        return self.rows.nbytes
+
+    def gather(self, features: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, int]:
+        """Rows ``ids`` [n] (any integer dtype, repeats allowed) of ``features`` [N, F] as
+        float32 [n, F], and how many of them came from the cache.
+
+        Cached rows are copied from shared memory, the others read from ``features``; both in
+        ascending id order (forward scans of the slot map, the cached rows and the file), each
+        row written straight to its place in the output.
+        """
+        order = np.argsort(ids, kind="stable")
+        sorted_ids = ids[order]
+        slots = self.slot_of[sorted_ids]
+        hit = slots >= 0
+        rows = np.empty((len(ids), features.shape[1]), dtype=np.float32)
+        rows[order[hit]] = self.rows[slots[hit]]
+        missed = ~hit
+        rows[order[missed]] = features[sorted_ids[missed]]
+        return rows, int(np.count_nonzero(hit))
+
+    def close(self) -> None:
+        """Drop this process's mappings; the owner also removes the directory (processes
+        that still map its files keep reading them until they unmap them)."""
+        if self.closed:
+            return
+        del self.rows, self.slot_of
+        self.closed = True
+        if self.owner:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> "FeatureCache":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def write_cache(directory: Path, store: "GraphStore", ids: np.ndarray,
+                settings: dict[str, Any]) -> None:
+    """Write the cache of rows ``ids`` (ascending) to ``directory`` (temp dir + rename)."""
+    row_bytes = store.feat_dim * store.feat_dtype.itemsize
+    needed = len(ids) * row_bytes + store.num_nodes * 4
+    free = shutil.disk_usage(directory.parent).free
+    if needed > free:
+        raise InputError(directory.parent, f"the feature cache needs {needed} bytes, "
+                                           f"only {free} are free")
+    tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+    tmp.mkdir()
+    try:
+        # File writes, not a writable memmap: a full tmpfs then fails with ENOSPC, not SIGBUS.
+        writer = NpyWriter(tmp / ROWS_FILE, store.feat_dtype, (store.feat_dim,))
+        step = max(COPY_CHUNK_BYTES // max(row_bytes, 1), 1)
+        for start in range(0, len(ids), step):
+            writer.append(store.features[ids[start:start + step]])
+        writer.close()
+        slot_of = np.full(store.num_nodes, -1, dtype=np.int32)
+        slot_of[ids] = np.arange(len(ids), dtype=np.int32)
+        np.save(tmp / SLOTS_FILE, slot_of, allow_pickle=False)
+        meta = {"store": str(store.path.resolve()), "num_nodes": store.num_nodes,
+                "feat_dim": store.feat_dim, "feat_dtype": store.feat_dtype.name,
+                "rows": len(ids), **settings, "owner": os.getpid()}
+        (tmp / META_FILE).write_text(json.dumps(meta), encoding="utf-8")
+        os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def adopt_if_orphaned(directory: Path) -> bool:
+    """Whether this process owns the existing cache ``directory``: it does when the recorded
+    owner is gone (a run that died), and records itself as the owner."""
+    meta_path = directory / META_FILE
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if process_alive(int(meta["owner"])):
+        return False
+    meta["owner"] = os.getpid()
+    tmp = meta_path.with_name(f"{META_FILE}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(meta), encoding="utf-8")
+    os.replace(tmp, meta_path)
+    return True
+
+
+@contextlib.contextmanager
+def training_cache(store: "GraphStore", config: "SamplingConfig", seed_nodes: np.ndarray,
+                   seed: int) -> Iterator[FeatureCache | None]:
+    """The feature cache of a training run (None when ``config.cache_bytes`` is 0), closed
+    (and removed, if this process wrote it) when the run ends."""
+    budget = config.cache_size
+    if budget == 0:
+        yield None
+        return
+    with FeatureCache.build(store, budget, config.cache_policy, fanouts=config.fanouts,
+                            seed_nodes=seed_nodes, batch_size=config.batch_size,
+                            seed=seed) as cache:
+        yield cache
