@@ -37,6 +37,7 @@ def temp_dir_pattern(out: Path) -> str:
 
 
 def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

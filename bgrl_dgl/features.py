@@ -57,6 +57,7 @@ import dgl
 import numpy as np
 import torch
 
+from .builder import process_alive
 from .errors import InputError
 from .store import NpyWriter
 
@@ -175,17 +176,6 @@ def check_cache_budget(store: "GraphStore", budget: int) -> None:
     """InputError unless ``budget`` is 0 (no cache) or holds at least one feature row."""
     if budget:
         cached_row_count(store, budget)
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process with this id exists (on this machine)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class FeatureCache:
