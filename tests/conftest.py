@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,3 +42,24 @@ def assert_input_error(result: subprocess.CompletedProcess, *fragments: str) -> 
     assert "Traceback" not in result.stderr
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
+
+
+def write_test_store(out: Path, num_nodes: int, src: np.ndarray, dst: np.ndarray,
+                     features: np.ndarray, *, feature_dtype: str = "keep",
+                     labels: np.ndarray | None = None,
+                     splits: dict[str, np.ndarray] | None = None):
+    """A committed store of the directed edges ``src -> dst`` (self loops removed, deduplicated)
+    with ``features`` [num_nodes, F] and optional labels and splits; returns it opened."""
+    from bgrl_dgl.builder import StoreWriter
+    from bgrl_dgl.store import GraphStore
+
+    with StoreWriter(out, feature_dtype=feature_dtype) as writer:
+        writer.write_topology(num_nodes, lambda: iter([(src, dst)]), source_path="edges",
+                              symmetrize=False, self_loops="remove", dedup=True)
+        writer.write_feature_array(features, source_path="features")
+        if labels is not None:
+            writer.write_labels(labels, source_path="labels")
+        for name, ids in (splits or {}).items():
+            writer.write_split(name, ids, source_path="splits")
+        writer.commit()
+    return GraphStore.open(out)

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from bgrl_dgl.builder import StoreWriter
 from bgrl_dgl.cli import main
 from bgrl_dgl import features
 from bgrl_dgl.errors import InputError
@@ -21,7 +20,7 @@ from bgrl_dgl.features import (
 )
 from bgrl_dgl.sampling import NeighborBatchSampler, SamplingConfig
 from bgrl_dgl.store import GraphStore
-from conftest import REPO, assert_input_error
+from conftest import REPO, assert_input_error, write_test_store
 
 NUM_NODES, FEAT_DIM = 300, 8
 ROW_BYTES = FEAT_DIM * 4  # float32 rows
@@ -42,12 +41,7 @@ def write_store(out: Path, feature_dtype: str) -> GraphStore:
         dst.append(np.full(len(sources), v))
     src, dst = np.concatenate(src).astype(np.int64), np.concatenate(dst).astype(np.int64)
     features = rng.normal(size=(NUM_NODES, FEAT_DIM)).astype(np.float32)
-    with StoreWriter(out, feature_dtype=feature_dtype) as writer:
-        writer.write_topology(NUM_NODES, lambda: iter([(src, dst)]), source_path="edges",
-                              symmetrize=False, self_loops="remove", dedup=True)
-        writer.write_feature_array(features, source_path="features")
-        writer.commit()
-    return GraphStore.open(out)
+    return write_test_store(out, NUM_NODES, src, dst, features, feature_dtype=feature_dtype)
 
 
 @pytest.fixture(scope="module")

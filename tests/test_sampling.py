@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from bgrl_dgl.builder import StoreWriter
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.sampling import (
     BatchLoader, NeighborBatchSampler, SampledBatch, SampledView, SamplingConfig,
     batch_rng_seed, epoch_permutation, resolve_seed_nodes,
 )
 from bgrl_dgl.store import GraphStore
+from conftest import write_test_store
 
 NUM_NODES, FEAT_DIM = 150, 6
 MAX_IN_DEGREE = 13  # node v has v % MAX_IN_DEGREE in-neighbours: 0 .. 12
@@ -38,14 +38,8 @@ def graph_edges(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def write_store(out: Path, feature_dtype: str) -> GraphStore:
     src, dst = graph_edges()
     features = np.random.default_rng(1).normal(size=(NUM_NODES, FEAT_DIM)).astype(np.float32)
-    with StoreWriter(out, feature_dtype=feature_dtype) as writer:
-        writer.write_topology(NUM_NODES, lambda: iter([(src, dst)]), source_path="edges",
-                              symmetrize=False, self_loops="remove", dedup=True)
-        writer.write_feature_array(features, source_path="features")
-        writer.write_labels(np.arange(NUM_NODES) % 3, source_path="labels")
-        writer.write_split("train", TRAIN_IDS, source_path="splits")
-        writer.commit()
-    return GraphStore.open(out)
+    return write_test_store(out, NUM_NODES, src, dst, features, feature_dtype=feature_dtype,
+                            labels=np.arange(NUM_NODES) % 3, splits={"train": TRAIN_IDS})
 
 
 @pytest.fixture(scope="session")
