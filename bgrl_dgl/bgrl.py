@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,22 @@ def embedding_std(h: torch.Tensor) -> float:
     return F.normalize(h.float(), dim=-1).std(dim=0).mean().item()
 
 
+class OnlineBranch(nn.Module):
+    """The trained half of BGRL, the part that data-parallel training wraps: the online
+    encoder followed by the predictor. Holds the same modules as the :class:`BGRL` it
+    comes from, not copies."""
+
+    def __init__(self, online: nn.Module, predictor: nn.Module) -> None:
+        super().__init__()
+        self.online = online
+        self.predictor = predictor
+
+    def forward(self, adjs: list[Adjacency], features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings h [B, D] of the seed nodes and their predictions q [B, D]."""
+        h = self.online(adjs, features)
+        return h, self.predictor(h)
+
+
 class BGRL(nn.Module):
     """Online encoder and predictor trained to predict a slowly moving target encoder.
 
@@ -68,6 +84,12 @@ class BGRL(nn.Module):
         for param in self.target.parameters():
             param.requires_grad_(False)
             param.grad = None
+
+    @torch.no_grad()
+    def copy_online_to_target(self) -> None:
+        """Make the target an exact copy of the online encoder's current weights and buffers
+        (after data-parallel training has given every rank rank 0's online weights)."""
+        self.target.load_state_dict(self.online.state_dict())
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters the optimiser updates: online encoder and predictor, never the target."""
@@ -96,16 +118,20 @@ class BGRL(nn.Module):
             torch._foreach_mul_(targets, tau)
             torch._foreach_add_(targets, onlines, alpha=1.0 - tau)
 
-    def loss(self, view1: View, view2: View) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, view1: View, view2: View,
+             online_branch: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
         """Symmetrised bootstrap loss of two views of the same seed nodes.
 
         ``bootstrap(q1, z2) + bootstrap(q2, z1)`` with ``q_i = predictor(online(view_i))`` and
         ``z_i = target(view_i)`` (no gradient), each term averaged over the seed nodes.
+        ``online_branch`` computes ``(online(view), q)``: by default an :class:`OnlineBranch`
+        of this model; in data-parallel training, its DDP wrapper.
         Returns the scalar loss and the online embeddings of ``view1`` [B, D], detached.
         """
-        h1 = self.online(*view1)
-        h2 = self.online(*view2)
-        q1, q2 = self.predictor(h1), self.predictor(h2)
+        branch = online_branch or OnlineBranch(self.online, self.predictor)
+        h1, q1 = branch(*view1)
+        h2, q2 = branch(*view2)
         with torch.no_grad():
             z1 = self.target(*view1)
             z2 = self.target(*view2)

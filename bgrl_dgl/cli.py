@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import config as cfg
-from .errors import InputError
+from .errors import InputError, RunError
 
 GLOBAL_TOPOLOGY = {"symmetrize": False, "self_loops": "keep", "dedup": True}
 
@@ -115,10 +115,12 @@ def load_train_config(args: argparse.Namespace):
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from .distributed import world_from_env
     from .train import train
 
-    metrics = train(args.data, args.out, load_train_config(args), resume=args.resume)
-    if metrics:
+    world = world_from_env()
+    metrics = train(args.data, args.out, load_train_config(args), resume=args.resume, world=world)
+    if metrics and world.is_main:
         print(f"trained to step {int(metrics['step'])}: loss {metrics['loss']:.4f}; run in {args.out}")
     return 0
 
@@ -206,15 +208,15 @@ def add_embed_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_embed(args: argparse.Namespace) -> int:
-    from .export import InferenceOptions, export_embeddings, torchrun_rank
+    from .distributed import world_from_env
+    from .export import InferenceOptions, export_embeddings
 
-    rank, world_size = torchrun_rank()
     result = export_embeddings(
         args.out, run=args.run, checkpoint=args.checkpoint, data=args.data, encoder=args.encoder,
         dtype=args.dtype, nodes=args.nodes,
         options=InferenceOptions(args.batch_size, args.device, args.fanouts, args.seed),
         rows_per_part=args.rows_per_part, scratch_dir=args.scratch_dir,
-        overwrite=args.overwrite, rank=rank, world_size=world_size)
+        overwrite=args.overwrite, world=world_from_env())
     print(result.describe())
     return 0
 
@@ -332,6 +334,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RunError as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

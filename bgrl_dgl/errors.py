@@ -1,4 +1,5 @@
-"""The one error type that the command line turns into a one-line message and exit code 2."""
+"""The errors that the command line turns into one-line messages: bad input (exit 2) and a
+run that cannot go on (exit 1)."""
 from __future__ import annotations
 
 import os
@@ -14,3 +15,8 @@ class InputError(Exception):
         self.path = None if path is None else str(path)
         self.problem = problem
         super().__init__(problem if path is None else f"{self.path}: {problem}")
+
+
+class RunError(Exception):
+    """A run cannot go on for a reason other than its input (e.g. the processes of a
+    distributed run disagree); the CLI prints it as one line and exits with 1."""

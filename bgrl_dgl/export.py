@@ -56,6 +56,7 @@ import torch
 from . import config as cfg
 from .builder import process_alive
 from .checkpoint import latest_checkpoint, load_checkpoint
+from .distributed import World, process_device
 from .errors import InputError
 from .evaluate import ProbeSummary, linear_probe, random_split_probe, summarize
 from .inference import embed_store
@@ -63,7 +64,7 @@ from .model import Encoder
 from .sampling import NeighborBatchSampler, batch_rng_seed
 from .sources.splits import SPLIT_NAMES
 from .store import GraphStore, read_node_ids
-from .train import TrainConfig, build_model, load_encoder, load_run_config, resolve_device
+from .train import TrainConfig, build_model, load_encoder, load_run_config
 
 FORMAT = "bgrl-dgl-embeddings/1"
 INPUTS_FILE = "_inputs.json"
@@ -351,9 +352,8 @@ def sampled_embeddings(encoder: Encoder, sampler: NeighborBatchSampler, nodes: n
 
 def compute_parts(encoder: Encoder, store: GraphStore, layout: PartLayout, parts: list[int],
                   out: np.ndarray, options: InferenceOptions, scratch: Path,
-                  sampling_degrees: bool) -> None:
+                  sampling_degrees: bool, device: torch.device) -> None:
     """Embeddings of the rows of ``parts`` (ascending), one after another, into ``out``."""
-    device = resolve_device(options.device)
     encoder = encoder.to(device)
     if options.fanouts is None:
         everything = layout.nodes is None and len(parts) == layout.num_parts
@@ -453,18 +453,6 @@ class ExportResult:
                 f"{len(self.parts_kept)} already complete; {done}")
 
 
-def torchrun_rank(environ: dict[str, str] | None = None) -> tuple[int, int]:
-    """(rank, world size) from torchrun's RANK and WORLD_SIZE variables; (0, 1) without them."""
-    environ = os.environ if environ is None else environ
-    try:
-        rank, world_size = int(environ.get("RANK", "0")), int(environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        raise InputError(None, "RANK and WORLD_SIZE must be integers") from None
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise InputError(None, f"RANK={rank} is outside WORLD_SIZE={world_size}")
-    return rank, world_size
-
-
 def export_embeddings(out: str | os.PathLike, *, run: str | os.PathLike | None = None,
                       checkpoint: str | os.PathLike | None = None,
                       data: str | os.PathLike | None = None,
@@ -473,9 +461,10 @@ def export_embeddings(out: str | os.PathLike, *, run: str | os.PathLike | None =
                       nodes: str | os.PathLike | None = None,
                       options: InferenceOptions = InferenceOptions(),
                       rows_per_part: int | None = None, scratch_dir: str | os.PathLike | None = None,
-                      overwrite: bool = False, rank: int = 0, world_size: int = 1) -> ExportResult:
+                      overwrite: bool = False, world: World = World()) -> ExportResult:
     """Embed the nodes of a store with a run's (or a checkpoint's) encoder into the Parquet
-    export ``out`` (see the module docstring), writing the parts of ``rank`` of ``world_size``.
+    export ``out`` (see the module docstring), writing the parts of ``world.rank`` of
+    ``world.world_size`` (on the GPU of its local rank, with ``cuda``).
 
     ``data``: the store (default: the run's). ``nodes``: a .npy file of store indices to
     export (default: all nodes). ``scratch_dir``: where the memmaps of the layers go
@@ -483,8 +472,6 @@ def export_embeddings(out: str | os.PathLike, *, run: str | os.PathLike | None =
     """
     if dtype not in DTYPES:
         raise InputError(None, f"--dtype must be float32 or float16, got {dtype!r}")
-    if not 0 <= rank < world_size:
-        raise InputError(None, f"rank {rank} is outside a world of {world_size} processes")
     if options.batch_size < 1:
         raise InputError(None, f"--batch-size must be positive, got {options.batch_size}")
     out = Path(out)
@@ -499,7 +486,7 @@ def export_embeddings(out: str | os.PathLike, *, run: str | os.PathLike | None =
                                      f"{source.encoder.in_dim}-d ones")
     check_fanouts(options.fanouts, source.encoder.num_layers)
     node_ids = None if nodes is None else read_node_ids(nodes, store.num_nodes)
-    resolve_device(options.device)
+    device = process_device(options.device, world)
     dim = source.encoder.out_dim
     layout = PartLayout.plan(store.num_nodes, node_ids, dim * np.dtype(DTYPES[dtype][0]).itemsize + 8,
                              rows_per_part)
@@ -509,7 +496,7 @@ def export_embeddings(out: str | os.PathLike, *, run: str | os.PathLike | None =
 
     claim_output(out, inputs, overwrite)
     remove_stale_temp_files(out)
-    mine = layout.rank_parts(rank, world_size)
+    mine = layout.rank_parts(world.rank, world.world_size)
     missing = [p for p in mine
                if not part_is_complete(out / part_name(p), layout.rows(p)[1] - layout.rows(p)[0], schema)]
     if missing:
@@ -520,7 +507,7 @@ def export_embeddings(out: str | os.PathLike, *, run: str | os.PathLike | None =
             rows = np.memmap(scratch / "embeddings", dtype=DTYPES[dtype][0], mode="w+",
                              shape=(num_rows, dim))
             compute_parts(source.encoder, store, layout, missing, rows, options, scratch,
-                          bool(source.config["sampling"]["graph_degrees"]))
+                          bool(source.config["sampling"]["graph_degrees"]), device)
             offset = 0
             for part in missing:
                 part_nodes = layout.node_ids(part)
@@ -533,7 +520,7 @@ def export_embeddings(out: str | os.PathLike, *, run: str | os.PathLike | None =
     complete = finish_if_complete(out, inputs, layout)
     return ExportResult(out, layout.num_rows, dim, dtype, missing,
                         [p for p in mine if p not in missing], layout.num_parts, complete,
-                        rank, world_size)
+                        world.rank, world.world_size)
 
 
 def check_fanouts(fanouts: list[int] | None, num_layers: int) -> None:

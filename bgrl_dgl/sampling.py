@@ -100,9 +100,12 @@ class SampledBatch:
         return sum(v.cache_hits for v in views), sum(v.cache_misses for v in views)
 
 
-def batch_rng_seed(seed: int, epoch: int, batch: int) -> int:
-    """A 31-bit seed (what ``dgl.seed`` accepts) for one batch, the same in every process."""
-    state = np.random.SeedSequence([seed, epoch, batch]).generate_state(1, dtype=np.uint32)
+def batch_rng_seed(seed: int, epoch: int, batch: int, rank: int = 0) -> int:
+    """A 31-bit seed (what ``dgl.seed`` accepts) for rank ``rank``'s share of one batch,
+    whichever process samples it."""
+    # Rank 0 samples what a single-process run samples.
+    entropy = [seed, epoch, batch] + ([rank] if rank else [])
+    state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint32)
     return int(state[0]) >> 1
 
 
@@ -251,7 +254,8 @@ class _RunBatches(Dataset):
             self._sampler = NeighborBatchSampler(store, self.config.fanouts,
                                                  self.config.graph_degrees, cache)
         seeds = torch.from_numpy(self.seed_nodes[self._epoch_order[1][batch]])
-        return self._sampler.sample(seeds, batch_rng_seed(self.seed, epoch, batch), self.independent)
+        return self._sampler.sample(seeds, batch_rng_seed(self.seed, epoch, batch, self.rank),
+                                    self.independent)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_sampler": None, "_epoch_order": None}

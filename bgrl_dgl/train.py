@@ -3,8 +3,13 @@
 One :class:`Trainer` owns the model (online encoder + predictor + EMA target), optimizer,
 learning-rate schedule and the batch loader; :meth:`Trainer.fit` runs steps until the run's
 last step, writing metrics, checkpoints and the progress bar. A run is fully determined by
-its configuration and seed: batches, augmentations and initial weights are drawn from seeds
-derived from (seed, step), so ``--resume`` continues exactly where a run stopped.
+its configuration, seed and number of processes: batches, augmentations and initial weights
+are drawn from seeds derived from (seed, step, rank), so ``--resume`` continues exactly where
+a run stopped.
+
+Under ``torchrun`` every process runs a :class:`Trainer` on its share of each global batch
+(see :mod:`~bgrl_dgl.distributed`): DDP averages the gradients of the online encoder and
+predictor, every rank keeps an identical EMA target, and rank 0 alone writes the run's files.
 """
 from __future__ import annotations
 
@@ -25,9 +30,14 @@ from tqdm import tqdm
 
 from . import config as cfg
 from .augment import AugmentConfig, augment_view
-from .bgrl import BGRL, cosine_tau, embedding_std
+from torch.nn.parallel import DistributedDataParallel
+
+from .bgrl import BGRL, OnlineBranch, cosine_tau, embedding_std
 from .checkpoint import capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from .config import field
+from .distributed import (World, average_buffers, broadcast_object, check_target_in_sync,
+                          gather_objects, process_device, process_group, sum_across_ranks,
+                          world_from_env)
 from .errors import InputError
 from .features import check_cache_budget, training_cache
 from .model import Encoder, ModelConfig, Predictor
@@ -43,6 +53,14 @@ class OptimConfig:
     weight_decay: float = field(1e-5, "AdamW weight decay")
     warmup_steps: int = field(50, "linear learning-rate warm-up steps, then cosine decay to 0")
     tau_base: float = field(0.99, "initial EMA momentum of the target; cosine-scheduled to 1.0")
+    lr_scaling: Literal["none", "linear", "sqrt"] = field(
+        "none", "how the peak learning rate grows with the number of processes P, whose global "
+                "batch is P x batch_size: none (lr), linear (lr x P) or sqrt (lr x sqrt(P))")
+
+    def peak_lr(self, world_size: int) -> float:
+        """The peak learning rate of a run on ``world_size`` processes."""
+        factor = {"none": 1.0, "linear": float(world_size), "sqrt": math.sqrt(world_size)}
+        return self.lr * factor[self.lr_scaling]
 
     def __post_init__(self) -> None:
         if self.epochs <= 0 or (self.max_steps is not None and self.max_steps <= 0):
@@ -61,22 +79,25 @@ class RunConfig:
                             "left after the sampling workers, at least 1)")
     checkpoint_every: int = field(500, "steps between checkpoints (one is always written at the end)")
     log_every: int = field(10, "steps between lines of metrics.jsonl")
+    sync_check_every: int = field(100, "steps between checks that the target encoders of all "
+                                       "processes are identical (multi-process runs)")
     collapse_ratio: float = field(
         0.1, "warn when the embedding std falls below this fraction of 1/sqrt(dim)")
 
     def __post_init__(self) -> None:
-        if self.checkpoint_every <= 0 or self.log_every <= 0:
-            raise ValueError("checkpoint_every and log_every must be positive")
+        if min(self.checkpoint_every, self.log_every, self.sync_check_every) <= 0:
+            raise ValueError("checkpoint_every, log_every and sync_check_every must be positive")
         if self.threads < 0:
             raise ValueError("threads must be >= 0")
 
 
-def compute_threads(requested: int, num_workers: int) -> int:
-    """Threads for compute: as requested, or the cores the sampling workers leave free
-    (oversubscribed cores make every parallel section wait for a descheduled thread)."""
+def compute_threads(requested: int, num_workers: int, local_processes: int = 1) -> int:
+    """Threads for compute: as requested, or this process's share of the machine's cores
+    minus its sampling workers (oversubscribed cores make every parallel section wait for a
+    descheduled thread)."""
     if requested:
         return requested
-    return max(len(os.sched_getaffinity(0)) - num_workers, 1)
+    return max(len(os.sched_getaffinity(0)) // local_processes - num_workers, 1)
 
 
 @dataclass
@@ -105,17 +126,11 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError(None, "--device cuda: no CUDA device is available")
-    return torch.device(name)
-
-
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The CPU generator of the augmentations of one step."""
-    state = np.random.SeedSequence([seed, step, 0xA06]).generate_state(2, dtype=np.uint32)
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """The CPU generator of the augmentations of one step of one rank."""
+    # Rank 0 draws what a single-process run draws.
+    entropy = [seed, step, 0xA06] + ([rank] if rank else [])
+    state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
@@ -160,23 +175,35 @@ class StopRequest:
 
 
 class Trainer:
-    """Mini-batch BGRL on one process (the distributed layer wraps this)."""
+    """Mini-batch BGRL in one process of ``world`` (the process group, if any, is joined).
+
+    With several processes, the online branch (encoder + predictor) is wrapped in DDP, which
+    broadcasts rank 0's weights; the target is then copied from them, so every rank starts
+    from the same online and target weights.
+    """
 
     def __init__(self, config: TrainConfig, store: GraphStore, run_dir: Path,
-                 device: torch.device, rank: int = 0, world_size: int = 1) -> None:
+                 device: torch.device, world: World = World()) -> None:
         self.config = config
         self.store = store
         self.run_dir = run_dir
         self.device = device
-        self.is_main = rank == 0
-        torch.set_num_threads(compute_threads(config.run.threads, config.sampling.num_workers))
+        self.world = world
+        self.is_main = world.is_main
+        torch.set_num_threads(compute_threads(config.run.threads, config.sampling.num_workers,
+                                              world.local_world_size))
         seed_nodes = resolve_seed_nodes(store, config.sampling.seeds)
         self.loader = BatchLoader(store, config.sampling, seed_nodes, seed=config.run.seed,
                                   independent_views=config.augment.independent_views,
-                                  rank=rank, world_size=world_size)
+                                  rank=world.rank, world_size=world.world_size)
         self.total_steps = config.optim.max_steps or config.optim.epochs * self.loader.steps_per_epoch
         self.model = build_model(store.feat_dim, config.model, config.run.seed).to(device)
-        self.optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=config.optim.lr,
+        self.online_branch = self._online_branch()
+        self.model.copy_online_to_target()
+        if world.rank:  # dropout masks of their own (rank 0 draws what one process draws)
+            torch.manual_seed(int(np.random.SeedSequence([config.run.seed, world.rank]).generate_state(1)[0]))
+        self.optimizer = torch.optim.AdamW(self.model.trainable_parameters(),
+                                           lr=config.optim.peak_lr(world.world_size),
                                            weight_decay=config.optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -184,10 +211,19 @@ class Trainer:
         self.step = 0
         self._collapse_warned = False
 
+    def _online_branch(self) -> torch.nn.Module:
+        branch = OnlineBranch(self.model.online, self.model.predictor)
+        if not self.world.is_distributed:
+            return branch
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        # broadcast_buffers=False: batch-norm statistics are averaged over the ranks after
+        # every step (average_buffers) rather than overwritten by rank 0's before every forward.
+        return DistributedDataParallel(branch, device_ids=device_ids, broadcast_buffers=False)
+
     # -- one step -------------------------------------------------------------------------
     def views(self, batch: SampledBatch) -> tuple[tuple, tuple]:
         """The two augmented views of a batch, on the training device."""
-        generator = step_generator(self.config.run.seed, self.step)
+        generator = step_generator(self.config.run.seed, self.step, self.world.rank)
         non_blocking = self.device.type == "cuda"
         augmented = []
         for index, view in enumerate(batch.views):
@@ -201,13 +237,14 @@ class Trainer:
         """One optimizer step and EMA update; returns the step's metrics."""
         start = time.perf_counter()
         view1, view2 = self.views(batch)
-        loss, online_h = self.model.loss(view1, view2)
+        loss, online_h = self.model.loss(view1, view2, self.online_branch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         tau = cosine_tau(self.step + 1, self.total_steps, self.config.optim.tau_base)
+        average_buffers(self.model)
         self.model.update_target(tau)
         metrics = {
             "loss": float(loss.detach()),
@@ -218,11 +255,22 @@ class Trainer:
             "features_s": batch.gather_s,
             "compute_s": time.perf_counter() - start,
         }
-        hits, misses = batch.cache_lookups
-        if hits + misses:
-            metrics["cache_hit_rate"] = hits / (hits + misses)
         self.step += 1
         return metrics
+
+    def share_step_results(self, metrics: dict[str, float], batch: SampledBatch,
+                           stop_requested: bool) -> tuple[float, bool]:
+        """Turn this rank's step metrics into the global batch's (mean loss and embedding
+        std, cache hit rate over all lookups); returns the global batch's seed count and
+        whether any rank was asked to stop (so that all ranks stop after the same step)."""
+        hits, misses = batch.cache_lookups
+        loss, std, hits, misses, seeds, stops = sum_across_ranks(
+            [metrics["loss"], metrics["embedding_std"], hits, misses, len(batch.seeds),
+             stop_requested], self.device)
+        metrics.update(loss=loss / self.world.world_size, embedding_std=std / self.world.world_size)
+        if hits + misses:
+            metrics["cache_hit_rate"] = hits / (hits + misses)
+        return seeds, stops > 0
 
     # -- the loop -------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
@@ -236,19 +284,23 @@ class Trainer:
             for batch in self.loader.batches(self.step, self.total_steps):
                 wait_s = time.perf_counter() - waited
                 metrics = self.train_step(batch)
-                seeds_per_s = len(batch.seeds) / (wait_s + metrics["compute_s"])
+                seeds, stopping = self.share_step_results(metrics, batch, stop.requested)
+                seeds_per_s = seeds / (wait_s + metrics["compute_s"])
                 metrics.update(step=self.step, epoch=(self.step - 1) // steps_per_epoch,
                                seeds_per_s=seeds_per_s, wait_s=wait_s)
                 self._watch_collapse(metrics["embedding_std"])
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                                 tau=f"{metrics['tau']:.4f}", seeds_s=f"{seeds_per_s:.0f}")
-                last = self.step == self.total_steps
-                if self.step % self.config.run.log_every == 0 or last or stop.requested:
+                run = self.config.run
+                last = self.step == self.total_steps or stopping
+                if self.world.is_distributed and (self.step % run.sync_check_every == 0 or last):
+                    metrics["target_divergence"] = check_target_in_sync(self.model.target, self.step)
+                if self.step % run.log_every == 0 or last or "target_divergence" in metrics:
                     self.log_metrics(metrics)
-                if self.step % self.config.run.checkpoint_every == 0 or last or stop.requested:
+                if self.step % run.checkpoint_every == 0 or last:
                     self.save()
-                if stop.requested:
+                if stopping:
                     print(f"stopped at step {self.step}; checkpoint written, resume with --resume",
                           file=sys.stderr)
                     break
@@ -269,29 +321,40 @@ class Trainer:
             handle.write(json.dumps(metrics) + "\n")
 
     # -- checkpoints ----------------------------------------------------------------------
-    def state(self) -> dict[str, Any]:
+    def state(self, rank_rng: list[dict[str, Any]]) -> dict[str, Any]:
+        """The checkpoint of this step; ``rank_rng``: every rank's :func:`capture_rng`."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
             "epoch": self.step // self.loader.steps_per_epoch,
-            "rng": capture_rng(),
+            "rng": rank_rng[0],
+            "rank_rng": rank_rng,
             "config": cfg.to_dict(self.config),
             "feat_dim": self.store.feat_dim,
+            "world_size": self.world.world_size,
         }
 
     def load_state(self, state: dict[str, Any], checkpoint: Path) -> None:
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.world.world_size:
+            warnings.warn(f"{checkpoint} was written by {saved_world} processes, resumed on "
+                          f"{self.world.world_size}: the remaining batches and learning-rate "
+                          "schedule differ from those of the original run", stacklevel=2)
         load_model_weights(self.model, state["model"], checkpoint)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
-        restore_rng(state["rng"])
+        rank_rng = state.get("rank_rng", [state["rng"]])
+        restore_rng(rank_rng[self.world.rank] if saved_world == self.world.world_size else state["rng"])
 
     def save(self) -> Path | None:
+        """Write a checkpoint (rank 0; every rank takes part, giving its generators' state)."""
+        rank_rng = gather_objects(capture_rng())
         if not self.is_main:
             return None
-        return save_checkpoint(self.run_dir, self.state(), self.step)
+        return save_checkpoint(self.run_dir, self.state(rank_rng), self.step)
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
@@ -314,29 +377,58 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
     return checkpoint
 
 
+def resume_state(run_dir: Path, resume: bool, world: World) -> tuple[Path, dict[str, Any]] | None:
+    """Rank 0 creates ``run_dir`` and reads the checkpoint to resume from; every rank gets
+    its path and state (so only rank 0 needs to see the run directory), or the same error."""
+    outcome: tuple[str, Any] | None = None
+    if world.is_main:
+        try:
+            checkpoint = prepare_run_dir(run_dir, resume)
+            if checkpoint is not None:
+                outcome = ("ok", (checkpoint, load_checkpoint(checkpoint)))
+        except InputError as err:
+            outcome = ("error", (err.path, err.problem))
+    outcome = broadcast_object(outcome)
+    if outcome is None:
+        return None
+    kind, value = outcome
+    if kind == "error":
+        raise InputError(*value)
+    return value
+
+
 def train(data: str | Path, run_dir: str | Path, config: TrainConfig, *, resume: bool = False,
-          rank: int = 0, world_size: int = 1) -> dict[str, float]:
-    """Train BGRL on the store at ``data``, writing into ``run_dir``; returns final metrics."""
+          world: World | None = None) -> dict[str, float]:
+    """Train BGRL on the store at ``data``, writing into ``run_dir``; returns final metrics.
+
+    ``world``: this process's place in the run (default: from torchrun's environment; one
+    process without it). A process restarted by torchrun (``--max-restarts``) resumes from
+    the newest checkpoint, as ``resume`` does.
+    """
+    world = world_from_env() if world is None else world
     run_dir = Path(run_dir)
     store = GraphStore.open(data)
-    # Built before the run directory is created, so that bad settings leave nothing behind.
-    trainer = Trainer(config, store, run_dir, resolve_device(config.run.device), rank, world_size)
-    check_cache_budget(store, config.sampling.cache_size)
-    checkpoint = prepare_run_dir(run_dir, resume)
-    state = load_checkpoint(checkpoint) if checkpoint is not None else None
-    if state is not None:
-        trainer.load_state(state, checkpoint)
-    if trainer.is_main:
-        cfg.save_yaml(cfg.to_dict(config), run_dir / "config.yaml")
-        cfg.save_yaml({"data": str(Path(data).resolve()), "feat_dim": store.feat_dim,
-                       "num_nodes": store.num_nodes}, run_dir / "run.yaml")
-        truncate_metrics(run_dir / "metrics.jsonl", trainer.step)
-    if trainer.step >= trainer.total_steps:
-        return {}
-    # Built here, before the loader starts its workers, which attach to it by its path.
-    with training_cache(store, config.sampling, trainer.loader.seed_nodes, config.run.seed) as cache:
-        trainer.loader.cache_dir = None if cache is None else cache.directory
-        return trainer.fit()
+    device = process_device(config.run.device, world)
+    with process_group(world, device):
+        # Built before the run directory is created, so that bad settings leave nothing behind.
+        trainer = Trainer(config, store, run_dir, device, world)
+        check_cache_budget(store, config.sampling.cache_size)
+        resumed = resume_state(run_dir, resume or world.restart_count > 0, world)
+        if resumed is not None:
+            trainer.load_state(resumed[1], resumed[0])
+        if trainer.is_main:
+            cfg.save_yaml(cfg.to_dict(config), run_dir / "config.yaml")
+            cfg.save_yaml({"data": str(Path(data).resolve()), "feat_dim": store.feat_dim,
+                           "num_nodes": store.num_nodes, "world_size": world.world_size},
+                          run_dir / "run.yaml")
+            truncate_metrics(run_dir / "metrics.jsonl", trainer.step)
+        if trainer.step >= trainer.total_steps:
+            return {}
+        # Built here, before the loader starts its workers, which attach to it by its path.
+        with training_cache(store, config.sampling, trainer.loader.seed_nodes,
+                            config.run.seed) as cache:
+            trainer.loader.cache_dir = None if cache is None else cache.directory
+            return trainer.fit()
 
 
 def load_run_config(run_dir: str | Path) -> tuple[TrainConfig, dict[str, Any]]:

@@ -1,0 +1,192 @@
+"""Training on several processes and machines under ``torchrun``.
+
+``torchrun`` starts one process per GPU (or per CPU worker slot) on every machine and tells each
+who it is through environment variables; :func:`world_from_env` reads them and
+:func:`process_group` joins the group (NCCL when the model runs on CUDA, gloo on the CPU).
+
+BGRL's target encoder is not trained by gradients, so DDP does not keep it in step; the ranks
+keep it identical themselves. DDP makes the online weights equal on every rank (rank 0's
+weights are broadcast when it wraps the model, then every rank applies the same averaged
+gradients), :func:`average_buffers` makes the batch-norm statistics equal, and every rank
+then applies the same EMA update. :func:`target_divergence` measures the largest difference
+between the ranks' targets, which must stay exactly 0.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import InputError, RunError
+
+# A collective that waits longer than this (a rank died or hangs) fails instead of blocking.
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the processes of a run.
+
+    ``rank`` of ``world_size`` over all machines; ``local_rank`` of ``local_world_size`` on
+    this machine; ``restart_count``: how often torchrun has restarted the group
+    (``--max-restarts``).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    restart_count: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the run's files (rank 0)."""
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def world_from_env(environ: Mapping[str, str] | None = None) -> World:
+    """The :class:`World` that torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
+    LOCAL_WORLD_SIZE, TORCHELASTIC_RESTART_COUNT) describe; one process without them."""
+    environ = os.environ if environ is None else environ
+    names = {"rank": "RANK", "world_size": "WORLD_SIZE", "local_rank": "LOCAL_RANK",
+             "local_world_size": "LOCAL_WORLD_SIZE", "restart_count": "TORCHELASTIC_RESTART_COUNT"}
+    values: dict[str, int] = {}
+    for key, name in names.items():
+        try:
+            values[key] = int(environ.get(name, World.__dataclass_fields__[key].default))
+        except ValueError:
+            raise InputError(None, f"{name}={environ[name]!r} is not an integer") from None
+    world = World(**values)
+    if world.world_size < 1 or not 0 <= world.rank < world.world_size:
+        raise InputError(None, f"RANK={world.rank} is outside WORLD_SIZE={world.world_size}")
+    if not 0 <= world.local_rank < world.local_world_size:
+        raise InputError(None, f"LOCAL_RANK={world.local_rank} is outside "
+                               f"LOCAL_WORLD_SIZE={world.local_world_size}")
+    return world
+
+
+def process_device(name: str, world: World) -> torch.device:
+    """The device of this process: ``cuda`` means the GPU of its local rank."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cuda":
+        return torch.device(name)
+    if not torch.cuda.is_available():
+        raise InputError(None, "--device cuda: no CUDA device is available")
+    if world.local_rank >= torch.cuda.device_count():
+        raise InputError(None, f"local rank {world.local_rank} has no GPU: this machine has "
+                               f"{torch.cuda.device_count()} (start at most that many "
+                               "processes per node)")
+    return torch.device("cuda", world.local_rank)
+
+
+@contextlib.contextmanager
+def process_group(world: World, device: torch.device) -> Iterator[None]:
+    """Join the run's process group for the duration of the block (nothing to join for one
+    process, or when the caller has joined one already)."""
+    if not world.is_distributed or dist.is_initialized():
+        yield
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=world.rank, world_size=world.world_size,
+                            timeout=COLLECTIVE_TIMEOUT)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def broadcast_object(value: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``value`` on every rank (``value`` itself without a process group)."""
+    if not dist.is_initialized():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's ``value``, in rank order, on every rank (``[value]`` without a group)."""
+    if not dist.is_initialized():
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def sum_across_ranks(values: Sequence[float], device: torch.device) -> list[float]:
+    """Element-wise sums of ``values`` over all ranks (float64)."""
+    if not dist.is_initialized():
+        return [float(v) for v in values]
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def floating_buffers(module: nn.Module) -> list[torch.Tensor]:
+    """The floating-point buffers of ``module`` (batch-norm running statistics)."""
+    return [buf for buf in module.buffers() if buf.is_floating_point()]
+
+
+@torch.no_grad()
+def average_buffers(module: nn.Module) -> None:
+    """Replace every floating-point buffer of ``module`` by its mean over all ranks.
+
+    Each rank updates batch-norm running statistics from its own batch; averaging them after
+    every step gives statistics of the global batch, the same on every rank.
+    """
+    buffers = floating_buffers(module)
+    if not dist.is_initialized() or not buffers:
+        return
+    flat = torch.cat([buf.reshape(-1).double() for buf in buffers])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for buf in buffers:
+        buf.copy_(flat[offset:offset + buf.numel()].view_as(buf))
+        offset += buf.numel()
+
+
+@torch.no_grad()
+def target_divergence(module: nn.Module) -> float:
+    """Largest absolute difference between the ranks' copies of ``module``'s parameters and
+    floating-point buffers (0.0 when they are identical, and without a process group).
+
+    One all-reduce (max) of the values and their negations gives each entry's max and min
+    over the ranks.
+    """
+    tensors = list(module.parameters()) + floating_buffers(module)
+    if not dist.is_initialized() or not tensors:
+        return 0.0
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    both = torch.cat([flat, -flat])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    highest, lowest = both[: flat.numel()], -both[flat.numel():]
+    return float((highest - lowest).max())
+
+
+class TargetDivergedError(RunError):
+    """The ranks' target encoders are no longer identical."""
+
+
+def check_target_in_sync(target: nn.Module, step: int) -> float:
+    """:func:`target_divergence` of ``target``; raises :class:`TargetDivergedError` on every
+    rank (they all see the same value) when it is not 0."""
+    divergence = target_divergence(target)
+    if divergence != 0.0:
+        raise TargetDivergedError(
+            f"the target encoders of the ranks differ by up to {divergence:.3e} at step {step}; "
+            "they must stay identical (are all ranks running the same code and settings?)")
+    return divergence
