@@ -36,9 +36,11 @@ memory, whose uncached rows are cold reads scattered over the file, and by defau
 page fault reads a whole read-ahead window around the row (128 KiB on most disks, 8 MiB on
 some virtual ones), mostly bytes no batch asks for.
 
-Host-to-device copies: the gathered rows are the staging buffer of the copy to the GPU. They
-are not pinned here: the workers that gather them would each need a CUDA context to pin
-memory, which costs far more than the pageable copy it would speed up.
+Host-to-device copies: the GPU never reads the cache itself, only the batch of rows gathered
+from it, so the batch is what is pinned: when training runs on CUDA, the DataLoader's pinning
+thread in the training process copies each batch's features into page-locked memory and the
+copy to the GPU runs asynchronously. (Pinning in the workers would give each of them a CUDA
+context; registering the whole cache would pin gigabytes that are never copied as such.)
 """
 from __future__ import annotations
 

@@ -83,6 +83,12 @@ class SampledView:
                            self.features.to(device, non_blocking=non_blocking),
                            self.cache_hits, self.cache_misses)
 
+    def pin_memory(self) -> "SampledView":
+        """The view with its features in page-locked memory (for asynchronous copies to a
+        GPU; the DataLoader's pinning thread calls this)."""
+        return SampledView(self.adjs, self.input_nodes, self.features.pin_memory(),
+                           self.cache_hits, self.cache_misses)
+
 
 @dataclass
 class SampledBatch:
@@ -98,6 +104,11 @@ class SampledBatch:
         """(hits, misses) of the feature cache over the batch's distinct views."""
         views = self.views[:1] if self.views[0] is self.views[1] else self.views
         return sum(v.cache_hits for v in views), sum(v.cache_misses for v in views)
+
+    def pin_memory(self) -> "SampledBatch":
+        first = self.views[0].pin_memory()
+        second = first if self.views[1] is self.views[0] else self.views[1].pin_memory()
+        return SampledBatch(self.seeds, (first, second), self.sample_s, self.gather_s)
 
 
 def batch_rng_seed(seed: int, epoch: int, batch: int, rank: int = 0) -> int:
@@ -269,7 +280,8 @@ class BatchLoader:
     :func:`rank_batch_positions`); rank ``r`` takes slice ``r`` of every global batch, so all
     ranks run the same number of steps and together cover each seed once per epoch.
     ``cache_dir``, when set, is the directory of the machine's
-    :class:`~bgrl_dgl.features.FeatureCache`, which every sampler attaches to.
+    :class:`~bgrl_dgl.features.FeatureCache`, which every sampler attaches to. With
+    ``pin_memory``, batches from workers arrive with their features in page-locked memory.
     """
 
     def __init__(self, store: GraphStore, config: SamplingConfig, seed_nodes: np.ndarray, *,
@@ -284,6 +296,7 @@ class BatchLoader:
         self.rank = rank
         self.world_size = world_size
         self.cache_dir: Path | None = None
+        self.pin_memory = False
 
     @property
     def steps_per_epoch(self) -> int:
@@ -306,7 +319,7 @@ class BatchLoader:
         yield from DataLoader(
             dataset, batch_size=None, shuffle=False, num_workers=self.config.num_workers,
             multiprocessing_context="forkserver", prefetch_factor=4, worker_init_fn=_worker_init,
-            generator=torch.Generator(),
+            generator=torch.Generator(), pin_memory=self.pin_memory,
         )
 
 

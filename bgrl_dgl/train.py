@@ -196,6 +196,7 @@ class Trainer:
         self.loader = BatchLoader(store, config.sampling, seed_nodes, seed=config.run.seed,
                                   independent_views=config.augment.independent_views,
                                   rank=world.rank, world_size=world.world_size)
+        self.loader.pin_memory = device.type == "cuda"
         self.total_steps = config.optim.max_steps or config.optim.epochs * self.loader.steps_per_epoch
         self.model = build_model(store.feat_dim, config.model, config.run.seed).to(device)
         self.online_branch = self._online_branch()
@@ -280,14 +281,15 @@ class Trainer:
         with StopRequest() as stop, tqdm(total=self.total_steps, initial=self.step,
                                          disable=None if self.is_main else True,
                                          dynamic_ncols=True, desc="train") as bar:
-            waited = time.perf_counter()
+            started = waited = time.perf_counter()
             for batch in self.loader.batches(self.step, self.total_steps):
                 wait_s = time.perf_counter() - waited
                 metrics = self.train_step(batch)
                 seeds, stopping = self.share_step_results(metrics, batch, stop.requested)
                 seeds_per_s = seeds / (wait_s + metrics["compute_s"])
                 metrics.update(step=self.step, epoch=(self.step - 1) // steps_per_epoch,
-                               seeds_per_s=seeds_per_s, wait_s=wait_s)
+                               seeds=seeds, seeds_per_s=seeds_per_s, wait_s=wait_s,
+                               elapsed_s=time.perf_counter() - started)
                 self._watch_collapse(metrics["embedding_std"])
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",

@@ -22,10 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchlib import DATA, REPO, run_module, size_label, synthetic_store
 from memwatch import GIB, measure_command
-
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "data"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,32 +41,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="export directory to write and keep (default: a temporary one "
                              "under data/, deleted afterwards)")
     return parser.parse_args(argv)
-
-
-def size_label(num_nodes: int) -> str:
-    """10_000_000 -> '10m', 200_000 -> '200k'."""
-    for unit, suffix in ((1_000_000, "m"), (1_000, "k")):
-        if num_nodes % unit == 0:
-            return f"{num_nodes // unit}{suffix}"
-    return str(num_nodes)
-
-
-def run_module(*args: str) -> None:
-    """``python -m bgrl_dgl ARGS``, failing the benchmark if it fails."""
-    command = [sys.executable, "-m", "bgrl_dgl", *args]
-    print("running:", " ".join(command), flush=True)
-    if subprocess.run(command, cwd=REPO, stdin=subprocess.DEVNULL, timeout=3600).returncode:
-        sys.exit(f"failed: {' '.join(command)}")
-
-
-def prepared_store(args: argparse.Namespace) -> Path:
-    """The synthetic store of ``args``, prepared unless it already exists."""
-    store = DATA / f"bench-export-{size_label(args.num_nodes)}"
-    if not (store / "meta.json").exists():
-        run_module("prepare", "synthetic", "--out", str(store), "--num-nodes", str(args.num_nodes),
-                   "--avg-degree", str(args.avg_degree), "--feat-dim", str(args.feat_dim),
-                   "--num-classes", "16", "--feature-dtype", "float16")
-    return store
 
 
 def one_step_run(store: Path, hidden: str) -> Path:
@@ -117,7 +89,9 @@ def bench(args: argparse.Namespace, run: Path, out: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    store = prepared_store(args)
+    store = synthetic_store(DATA / f"bench-export-{size_label(args.num_nodes)}",
+                            num_nodes=args.num_nodes, avg_degree=args.avg_degree,
+                            feat_dim=args.feat_dim, num_classes=16, feature_dtype="float16")
     run = one_step_run(store, args.hidden)
     if args.out is not None:
         report = bench(args, run, args.out)

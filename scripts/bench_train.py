@@ -37,7 +37,6 @@ import json
 import os
 import pstats
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -59,7 +58,8 @@ from bgrl_dgl.sampling import BatchLoader, SampledBatch
 from bgrl_dgl.store import GraphStore
 from bgrl_dgl.train import TrainConfig, Trainer
 
-REPO = Path(__file__).resolve().parents[1]
+from benchlib import DATA, size_label, synthetic_store
+
 # Generator parameters of the store, checked before an existing store is reused.
 STORE_PARAMS = ("num_nodes", "avg_degree", "feat_dim", "num_classes", "feature_dtype", "seed")
 
@@ -103,16 +103,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.threads is None:
         args.threads = max(1, len(os.sched_getaffinity(0)) - args.num_workers)
     if args.data is None:
-        args.data = REPO / "data" / f"bench-train-{size_label(args.num_nodes)}"
+        args.data = DATA / f"bench-train-{size_label(args.num_nodes)}"
     return args
-
-
-def size_label(num_nodes: int) -> str:
-    """``1000000 -> '1m'``, ``50000 -> '50k'``, ``1234 -> '1234'``."""
-    for suffix, unit in (("m", 1_000_000), ("k", 1_000)):
-        if num_nodes % unit == 0:
-            return f"{num_nodes // unit}{suffix}"
-    return str(num_nodes)
 
 
 def int_list(text: str) -> list[int]:
@@ -121,30 +113,9 @@ def int_list(text: str) -> list[int]:
 
 # ---- the store ---------------------------------------------------------------------------
 def ensure_store(args: argparse.Namespace) -> GraphStore:
-    """Open the store at ``args.data``, preparing it first if it does not exist."""
-    meta_path = args.data / "meta.json"
-    if meta_path.exists():
-        params = json.loads(meta_path.read_text()).get("source", {}).get("params", {})
-        wanted = {name: getattr(args, name) for name in STORE_PARAMS}
-        found = {name: params.get(name) for name in STORE_PARAMS}
-        if found != wanted:
-            sys.exit(f"{args.data} was prepared with {found}, not {wanted}: "
-                     "pass another --data or remove it")
-        print(f"reusing {args.data}", flush=True)
-    else:
-        prepare_store(args)
+    """The store at ``args.data``, prepared first unless it holds this benchmark's graph."""
+    synthetic_store(args.data, **{name: getattr(args, name) for name in STORE_PARAMS})
     return GraphStore.open(args.data)
-
-
-def prepare_store(args: argparse.Namespace) -> None:
-    command = [sys.executable, "-m", "bgrl_dgl", "prepare", "synthetic", "--out", str(args.data),
-               "--num-nodes", str(args.num_nodes), "--avg-degree", str(args.avg_degree),
-               "--feat-dim", str(args.feat_dim), "--num-classes", str(args.num_classes),
-               "--feature-dtype", args.feature_dtype, "--seed", str(args.seed)]
-    print("running:", " ".join(command), flush=True)
-    start = time.perf_counter()
-    subprocess.run(command, cwd=REPO, stdin=subprocess.DEVNULL, check=True)
-    print(f"prepared in {time.perf_counter() - start:.0f} s", flush=True)
 
 
 # ---- the two arms --------------------------------------------------------------------------

@@ -33,7 +33,7 @@ TINY = ["--hidden", "32,16", "--predictor-hidden", "32", "--fanouts", "5,5",
 # Dropout draws from torch's global generator, which a resumed run must restore.
 REFERENCE = [*TINY, "--max-steps", str(STEPS), "--log-every", "1",
              "--checkpoint-every", str(CHECKPOINT_EVERY), "--dropout", "0.1"]
-METRIC_KEYS = {"step", "epoch", "loss", "lr", "tau", "seeds_per_s", "embedding_std",
+METRIC_KEYS = {"step", "epoch", "loss", "lr", "tau", "seeds", "seeds_per_s", "elapsed_s", "embedding_std",
                "sample_s", "features_s", "compute_s"}
 
 
