@@ -83,13 +83,15 @@ def default_cache_root() -> Path:
 
 
 def read_rows(features: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Rows ``ids`` [n] of the (memory-mapped) feature matrix [N, F] as float32 [n, F].
+    """Rows ``ids`` [n] of the (memory-mapped) feature matrix [N, F]: [n, F] in its dtype
+    (float16 stays float16 until it reaches the training device, halving host memory and
+    host-to-device bytes).
 
     Rows are read in ascending id order, which turns random reads of the mmap into a forward
     scan, then put back in the requested order.
     """
     order = np.argsort(ids, kind="stable")
-    rows = np.empty((len(ids), features.shape[1]), dtype=np.float32)
+    rows = np.empty((len(ids), features.shape[1]), dtype=features.dtype)
     rows[order] = features[ids[order]]
     return rows
 
@@ -245,7 +247,7 @@ class FeatureCache:
 
     def gather(self, features: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, int]:
         """Rows ``ids`` [n] (any integer dtype, repeats allowed) of ``features`` [N, F] as
-        float32 [n, F], and how many of them came from the cache.
+        [n, F] in ``features``' dtype, and how many of them came from the cache.
 
         Cached rows are copied from shared memory, the others read from ``features``; both in
         ascending id order (forward scans of the slot map, the cached rows and the file), each
@@ -255,7 +257,7 @@ class FeatureCache:
         sorted_ids = ids[order]
         slots = self.slot_of[sorted_ids]
         hit = slots >= 0
-        rows = np.empty((len(ids), features.shape[1]), dtype=np.float32)
+        rows = np.empty((len(ids), features.shape[1]), dtype=features.dtype)
         rows[order[hit]] = self.rows[slots[hit]]
         missed = ~hit
         rows[order[missed]] = features[sorted_ids[missed]]

@@ -67,7 +67,7 @@ class SampledView:
     """One sampled computation graph: ``adjs[0]`` consumes ``features``.
 
     ``input_nodes``: [adjs[0].num_src] int64 store ids; ``features``: [adjs[0].num_src, F]
-    float32; ``adjs[-1].num_dst`` equals the number of seed nodes. ``cache_hits`` and
+    in the store's dtype (float16 or float32), float32 once moved by :meth:`to`; ``adjs[-1].num_dst`` equals the number of seed nodes. ``cache_hits`` and
     ``cache_misses`` count the feature rows found in and missing from the feature cache (both 0
     without one).
     """
@@ -80,7 +80,7 @@ class SampledView:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "SampledView":
         return SampledView([a.to(device) for a in self.adjs], self.input_nodes,
-                           self.features.to(device, non_blocking=non_blocking),
+                           self.features.to(device, non_blocking=non_blocking).float(),
                            self.cache_hits, self.cache_misses)
 
     def pin_memory(self) -> "SampledView":
@@ -193,7 +193,7 @@ class NeighborBatchSampler:
         return view, sampled - start, time.perf_counter() - sampled
 
     def _gather(self, nodes: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        """Features of ``nodes`` ([len(nodes), F] float32), cache hits and cache misses."""
+        """Features of ``nodes`` ([len(nodes), F], store dtype), cache hits and cache misses."""
         if self.cache is None:
             return gather_features(self.store.features, nodes), 0, 0
         rows, hits = self.cache.gather(self.store.features, nodes.numpy())
@@ -227,7 +227,7 @@ def _graph_degrees(store: GraphStore) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def gather_features(features: np.ndarray, nodes: torch.Tensor) -> torch.Tensor:
-    """Rows ``nodes`` of the (memory-mapped) feature matrix as float32: [len(nodes), F]
+    """Rows ``nodes`` of the (memory-mapped) feature matrix, in its dtype: [len(nodes), F]
     (see :func:`~bgrl_dgl.features.read_rows`)."""
     return torch.from_numpy(read_rows(features, nodes.numpy()))
 
@@ -318,7 +318,7 @@ class BatchLoader:
         # from torch's global generator, whose state a checkpoint restores (dropout draws).
         yield from DataLoader(
             dataset, batch_size=None, shuffle=False, num_workers=self.config.num_workers,
-            multiprocessing_context="forkserver", prefetch_factor=4, worker_init_fn=_worker_init,
+            multiprocessing_context="forkserver", prefetch_factor=2, worker_init_fn=_worker_init,
             generator=torch.Generator(), pin_memory=self.pin_memory,
         )
 

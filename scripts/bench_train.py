@@ -169,7 +169,7 @@ class SupervisedStep:
         blocks = [to_block(adj) for adj in view.adjs]
         blocks_s = time.perf_counter() - start
         labels = torch.from_numpy(self.labels[batch.seeds.numpy()])
-        loss = F.cross_entropy(self.model(blocks, view.features), labels, ignore_index=-1)
+        loss = F.cross_entropy(self.model(blocks, view.features.float()), labels, ignore_index=-1)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

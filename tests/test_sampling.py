@@ -190,15 +190,16 @@ def test_graph_degrees_are_the_whole_graph_degrees_of_the_block_nodes(store) -> 
 
 
 @pytest.mark.parametrize("which", ["store", "half_store"])
-def test_features_are_the_store_rows_of_the_input_nodes_as_float32(request, which) -> None:
+def test_features_are_the_store_rows_of_the_input_nodes_float32_on_the_device(request, which) -> None:
     graph = request.getfixturevalue(which)
     seeds = np.array([140, 3, 77, 12, 101, 56])
     view = NeighborBatchSampler(graph, [5, 5], graph_degrees=False).sample(
         torch.from_numpy(seeds), rng_seed=5, independent=False).views[0]
-    assert view.features.dtype == torch.float32
+    assert view.features.numpy().dtype == graph.feat_dtype  # converted where it is computed on
     assert view.input_nodes.dtype == torch.int64
     expected = np.asarray(graph.features)[view.input_nodes.numpy()].astype(np.float32)
-    assert np.array_equal(view.features.numpy(), expected)
+    moved = view.to("cpu").features
+    assert moved.dtype == torch.float32 and np.array_equal(moved.numpy(), expected)
     assert graph.feat_dtype == (np.float16 if which == "half_store" else np.float32)
 
 
