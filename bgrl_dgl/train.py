@@ -303,8 +303,9 @@ class Trainer:
                 if self.step % run.checkpoint_every == 0 or last:
                     self.save()
                 if stopping:
-                    print(f"stopped at step {self.step}; checkpoint written, resume with --resume",
-                          file=sys.stderr)
+                    if self.is_main:
+                        print(f"stopped at step {self.step}; checkpoint written, resume with "
+                              "--resume", file=sys.stderr)
                     break
                 waited = time.perf_counter()
         return metrics

@@ -171,6 +171,23 @@ def test_a_killed_rank_restarts_the_group_from_the_newest_checkpoint(store_dir, 
     assert [m["loss"] for m in read_metrics(tmp_path / "run")] == [m["loss"] for m in read_metrics(run)]
 
 
+def test_sigterm_to_one_rank_stops_all_after_the_same_step_with_a_checkpoint(store_dir, reference,
+                                                                            tmp_path) -> None:
+    run, records = reference
+    output = run_two_processes(store_dir, tmp_path / "run", tmp_path / "records",
+                               env={"BGRL_TEST_SIGTERM": "1:6"})
+    assert "stopped at step 6" in output
+    assert saved_steps(tmp_path / "records", 0) == [4, 6]
+    rank0, rank1 = final_state(tmp_path / "records", 0), final_state(tmp_path / "records", 1)
+    assert len(rank0["seeds"]) == len(rank1["seeds"]) == 6
+    assert_same_weights(rank0["model"], rank1["model"])
+    assert read_metrics(tmp_path / "run")[-1]["step"] == 6
+    # Resuming finishes the run as if it had never stopped.
+    run_two_processes(store_dir, tmp_path / "run", tmp_path / "resumed", "--resume")
+    assert_same_weights(final_state(tmp_path / "resumed", 0)["model"],
+                        final_state(records, 0)["model"])
+
+
 def test_two_nodes_on_loopback_train_together(store_dir, reference, tmp_path) -> None:
     run, records = reference
     endpoint = f"127.0.0.1:{free_port()}"

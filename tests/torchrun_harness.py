@@ -5,8 +5,8 @@ Runs the command line unchanged and records, in the directory named by ``BGRL_TE
 (the rank's model weights, the seed nodes of each of its steps and how often torchrun
 restarted it). Faults on request:
 ``BGRL_TEST_KILL=RANK:STEP`` SIGKILLs that rank after that step in the first attempt (not
-after a torchrun restart); ``BGRL_TEST_PERTURB=RANK:STEP`` nudges that rank's target encoder
-after that step.
+after a torchrun restart); ``BGRL_TEST_SIGTERM=RANK:STEP`` sends that rank SIGTERM during
+that step; ``BGRL_TEST_PERTURB=RANK:STEP`` nudges that rank's target encoder after that step.
 """
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ def fault(name: str) -> int | None:
 
 def instrument() -> None:
     seeds: list[list[int]] = []
-    kill_at, perturb_at = fault("BGRL_TEST_KILL"), fault("BGRL_TEST_PERTURB")
+    kill_at, term_at = fault("BGRL_TEST_KILL"), fault("BGRL_TEST_SIGTERM")
+    perturb_at = fault("BGRL_TEST_PERTURB")
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     original_step, original_fit = train_module.Trainer.train_step, train_module.Trainer.fit
     original_save = train_module.save_checkpoint
@@ -42,6 +43,8 @@ def instrument() -> None:
         seeds.append(batch.seeds.tolist())
         if self.step == kill_at and first_attempt:
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.step == term_at:
+            os.kill(os.getpid(), signal.SIGTERM)
         if self.step == perturb_at:
             with torch.no_grad():
                 next(self.model.target.parameters()).add_(1e-3)
