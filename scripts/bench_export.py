@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchlib import DATA, REPO, run_module, size_label, synthetic_store
+from benchlib import DATA, REPO, benchmark_store, run_module
 from memwatch import GIB, measure_command
 
 
@@ -89,9 +89,7 @@ def bench(args: argparse.Namespace, run: Path, out: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    store = synthetic_store(DATA / f"bench-export-{size_label(args.num_nodes)}",
-                            num_nodes=args.num_nodes, avg_degree=args.avg_degree,
-                            feat_dim=args.feat_dim, num_classes=16, feature_dtype="float16")
+    store = benchmark_store("export", args, num_classes=16)
     run = one_step_run(store, args.hidden)
     if args.out is not None:
         report = bench(args, run, args.out)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from benchlib import DATA, REPO, size_label, synthetic_store
+from benchlib import DATA, REPO, benchmark_store
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -92,9 +92,7 @@ def measure(args: argparse.Namespace, store: Path, procs: int, tmp: Path) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    store = synthetic_store(DATA / f"bench-scaling-{size_label(args.num_nodes)}",
-                            num_nodes=args.num_nodes, avg_degree=args.avg_degree,
-                            feat_dim=args.feat_dim, num_classes=10, feature_dtype="float16")
+    store = benchmark_store("scaling", args, num_classes=10)
     with tempfile.TemporaryDirectory(prefix="bench-scaling-", dir=DATA) as tmp:
         runs = {procs: measure(args, store, procs, Path(tmp)) for procs in args.procs}
     base = runs[args.procs[0]]["seeds_per_s"] / args.procs[0]

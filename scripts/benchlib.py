@@ -1,6 +1,7 @@
 """What the benchmark scripts share: store names, running the command line, synthetic stores."""
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -47,3 +48,12 @@ def synthetic_store(out: Path, **params: object) -> Path:
     run_module("prepare", "synthetic", "--out", str(out), *flags)
     print(f"prepared in {time.perf_counter() - start:.0f} s", flush=True)
     return out
+
+
+def benchmark_store(name: str, args: argparse.Namespace, num_classes: int) -> Path:
+    """``data/bench-<name>-<size>``: the float16 synthetic store of ``args.num_nodes``,
+    ``args.avg_degree`` and ``args.feat_dim`` (see :func:`synthetic_store`)."""
+    return synthetic_store(DATA / f"bench-{name}-{size_label(args.num_nodes)}",
+                           num_nodes=args.num_nodes, avg_degree=args.avg_degree,
+                           feat_dim=args.feat_dim, num_classes=num_classes,
+                           feature_dtype="float16")

@@ -20,6 +20,20 @@ def cora_dir() -> Path:
     return SHARED_CORA
 
 
+PLANTED_NODES = 600
+
+
+@pytest.fixture(scope="session")
+def planted_store(tmp_path_factory) -> Path:
+    """A power-law graph of PLANTED_NODES nodes in 4 planted homophilous classes, 16-d features."""
+    from bgrl_dgl.cli import main
+
+    out = tmp_path_factory.mktemp("planted") / "store"
+    assert main(["prepare", "synthetic", "--out", str(out), "--num-nodes", str(PLANTED_NODES),
+                 "--avg-degree", "6", "--feat-dim", "16", "--num-classes", "4"]) == 0
+    return out
+
+
 def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m bgrl_dgl ARGS`` in a fresh process, stdin closed."""
     return subprocess.run(

@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from bgrl_dgl.cli import main
 from bgrl_dgl.distributed import World, world_from_env
 from bgrl_dgl.train import OptimConfig, compute_threads
 
-from conftest import REPO
+from conftest import PLANTED_NODES, REPO
 
-NUM_NODES, BATCH_SIZE, STEPS = 600, 64, 12
+NUM_NODES, BATCH_SIZE, STEPS = PLANTED_NODES, 64, 12
 STEPS_PER_EPOCH = -(-NUM_NODES // (2 * BATCH_SIZE))  # global batch of two processes
 SETTINGS = ["--hidden", "32,16", "--predictor-hidden", "32", "--fanouts", "5,5",
             "--batch-size", str(BATCH_SIZE), "--num-workers", "0", "--threads", "1",
@@ -29,11 +28,8 @@ HARNESS = REPO / "tests" / "torchrun_harness.py"
 
 
 @pytest.fixture(scope="module")
-def store_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ddp") / "store"
-    assert main(["prepare", "synthetic", "--out", str(out), "--num-nodes", str(NUM_NODES),
-                 "--avg-degree", "6", "--feat-dim", "16", "--num-classes", "4"]) == 0
-    return out
+def store_dir(planted_store) -> Path:
+    return planted_store
 
 
 def free_port() -> int:

@@ -22,9 +22,9 @@ from bgrl_dgl.bgrl import cosine_tau
 from bgrl_dgl.checkpoint import list_checkpoints
 from bgrl_dgl.cli import main
 from bgrl_dgl.train import TrainConfig, build_model, load_encoder, lr_factor
-from conftest import REPO, assert_input_error
+from conftest import PLANTED_NODES, REPO, assert_input_error
 
-NUM_NODES, BATCH_SIZE = 600, 64
+NUM_NODES, BATCH_SIZE = PLANTED_NODES, 64
 STEPS_PER_EPOCH = 10  # ceil(600 / 64)
 STEPS, CHECKPOINT_EVERY, WARMUP, LR = 40, 15, 5, 0.005
 TINY = ["--hidden", "32,16", "--predictor-hidden", "32", "--fanouts", "5,5",
@@ -38,12 +38,8 @@ METRIC_KEYS = {"step", "epoch", "loss", "lr", "tau", "seeds", "seeds_per_s", "el
 
 
 @pytest.fixture(scope="session")
-def store_dir(tmp_path_factory) -> Path:
-    """A power-law graph of 600 nodes in 4 planted homophilous classes."""
-    out = tmp_path_factory.mktemp("train") / "planted"
-    assert main(["prepare", "synthetic", "--out", str(out), "--num-nodes", str(NUM_NODES),
-                 "--avg-degree", "6", "--feat-dim", "16", "--num-classes", "4"]) == 0
-    return out
+def store_dir(planted_store) -> Path:
+    return planted_store
 
 
 def train_args(store: Path, run: Path, *flags: str) -> list[str]:
