@@ -2,8 +2,12 @@
 feature file with and without the cache.
 
 A power-law synthetic store is prepared (by default 4M nodes with 256-d float32 features, a
-4 GiB feature file; ``--store DIR`` keeps it for the next run) and a cache is built with a
-budget of ``--budget-fraction`` of the feature bytes (default 10%). Batches are sampled as
+4 GiB feature file; ``--store DIR`` keeps it for the next run, and a later run with other
+graph options refuses it) and a cache is built with a budget of ``--budget-fraction`` of the
+feature bytes (default 10%). ``--sources powerlaw`` draws edge sources by the power-law
+weights too (see ``prepare synthetic --sources``), which concentrates the edges on the hubs;
+the store's skew is reported as ``top10_degree_share``, the fraction of edge endpoints held
+by the 10% of nodes of highest in-degree. Batches are sampled as
 training samples them (seed batches of ``--batch-size`` from the first epoch's permutation,
 neighbours with ``--fanouts``; the defaults of ``bgrl-dgl train``), then the input features of
 every batch are gathered twice, without and with the cache, alternating per batch.
@@ -18,7 +22,8 @@ fault reads the device's read-ahead window around the row). Bytes read are count
 4 KiB pages holding the rows read from the file.
 
 The last line printed is one JSON object: ``hit_rate``, ``cached_rows_per_s``,
-``uncached_rows_per_s``, ``speedup``, the bytes read per arm and details.
+``uncached_rows_per_s``, ``speedup``, ``top10_degree_share``, the bytes read per arm and
+details.
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ from bgrl_dgl.store import GraphStore
 
 REPO = Path(__file__).resolve().parents[1]
 PAGE = 4096
+TOP_FRACTION = 0.1  # of the nodes, by in-degree, whose share of edge endpoints is reported
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,6 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="input edges per node of the synthetic graph (default: 10)")
     parser.add_argument("--degree-exponent", type=float, default=2.5,
                         help="power-law exponent of the in-degrees (default: 2.5, as prepare)")
+    parser.add_argument("--sources", choices=["uniform", "powerlaw"], default="uniform",
+                        help="how the synthetic graph's edges pick their source (default: "
+                             "uniform, as prepare)")
     parser.add_argument("--feat-dim", type=int, default=256)
     parser.add_argument("--feature-dtype", choices=["float16", "float32"], default="float32")
     parser.add_argument("--budget-fraction", type=float, default=0.1,
@@ -74,17 +83,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def graph_params(args: argparse.Namespace) -> dict:
+    """The ``prepare synthetic`` options of the benchmark's store, as its meta records them."""
+    return {"num_nodes": args.num_nodes, "avg_degree": args.avg_degree,
+            "degree_exponent": args.degree_exponent, "sources": args.sources,
+            "feat_dim": args.feat_dim, "num_classes": 10, "feature_dtype": args.feature_dtype,
+            "seed": args.seed}
+
+
 def prepare_store(args: argparse.Namespace, out: Path) -> float:
     """Write the synthetic store; returns the seconds it took."""
+    flags = [x for name, value in graph_params(args).items()
+             for x in ("--" + name.replace("_", "-"), str(value))]
     command = [sys.executable, "-m", "bgrl_dgl", "prepare", "synthetic", "--out", str(out),
-               "--num-nodes", str(args.num_nodes), "--avg-degree", str(args.avg_degree),
-               "--degree-exponent", str(args.degree_exponent),
-               "--feat-dim", str(args.feat_dim), "--num-classes", "10",
-               "--feature-dtype", args.feature_dtype, "--seed", str(args.seed)]
+               *flags]
     print("running:", " ".join(command), flush=True)
     start = time.perf_counter()
     subprocess.run(command, cwd=REPO, stdin=subprocess.DEVNULL, check=True)
     return time.perf_counter() - start
+
+
+def check_reused_store(args: argparse.Namespace, store: GraphStore) -> None:
+    """Exit if an existing ``--store`` was prepared with other graph options (a store from
+    before ``--sources`` existed has uniform sources)."""
+    params = {"sources": "uniform", **store.meta["source"]["params"]}
+    differ = {name: (params.get(name), value) for name, value in graph_params(args).items()
+              if params.get(name) != value}
+    if differ:
+        sys.exit(f"{store.path} was prepared with other options (stored, asked): {differ}; "
+                 f"pass another --store")
+
+
+def top_degree_share(store: GraphStore, fraction: float) -> float:
+    """Fraction of the edge endpoints (in- plus out-degrees) held by the ``fraction`` of the
+    nodes with the highest in-degree."""
+    in_degrees, out_degrees = store.in_degrees(), store.out_degrees()
+    count = max(1, round(fraction * store.num_nodes))
+    top = np.argpartition(in_degrees, store.num_nodes - count)[store.num_nodes - count:]
+    return float(in_degrees[top].sum() + out_degrees[top].sum()) / (2 * store.num_edges)
 
 
 def sample_input_nodes(store: GraphStore, fanouts: list[int], batch_size: int,
@@ -190,6 +226,10 @@ def run(args: argparse.Namespace, store_dir: Path) -> dict:
         prepare_s = prepare_store(args, store_dir)
     load_before = os.getloadavg()[0]  # other work on the machine skews the timings
     store = GraphStore.open(store_dir)
+    check_reused_store(args, store)
+    top_share = top_degree_share(store, TOP_FRACTION)
+    print(f"skew: the top {TOP_FRACTION:.0%} of nodes by in-degree hold {top_share:.3f} of "
+          f"the edge endpoints", flush=True)
     path = store.array_path("features").resolve()
     row_bytes = store.feat_dim * store.feat_dtype.itemsize
     feature_bytes = store.num_nodes * row_bytes
@@ -243,6 +283,8 @@ def run(args: argparse.Namespace, store_dir: Path) -> dict:
         "policy": args.policy,
         "advice": args.advice,
         "degree_exponent": args.degree_exponent,
+        "sources": args.sources,
+        "top10_degree_share": top_share,
         "fanouts": fanouts,
         "batch_size": args.batch_size,
         "load_avg_before": load_before,

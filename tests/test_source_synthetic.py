@@ -3,6 +3,7 @@ and the memory watcher used by the prepare benchmark."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import subprocess
 import sys
@@ -21,20 +22,23 @@ GRAPH = ["--num-nodes", NUM_NODES, "--avg-degree", AVG_DEGREE, "--feat-dim", FEA
          "--num-classes", NUM_CLASSES]
 STORE_ARRAYS = ["indptr", "indices", "features", "labels", "split_train", "split_valid",
                 "split_test"]
+# SHA-256 of STORE_ARRAYS of the "ref" store, from the generator before --sources existed.
+REF_DIGEST = "d28652b2c815bf56250fdce2c2f56cd94a039ea7e0f3943a19f2df605cca456e"
 
 
 def options(**overrides) -> synthetic.Options:
     values = dict(num_nodes=NUM_NODES, avg_degree=AVG_DEGREE, feat_dim=FEAT_DIM,
                   num_classes=NUM_CLASSES, homophily=0.8, feature_noise=1.5,
-                  degree_exponent=2.5, label_fraction=1.0, seed=0)
+                  degree_exponent=2.5, label_fraction=1.0, sources="uniform", seed=0)
     return synthetic.Options.from_args(argparse.Namespace(**{**values, **overrides}))
 
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory) -> dict[str, GraphStore]:
-    """Four builds (in this process: each takes a fraction of a second): the reference
+    """Six builds (in this process: each takes a fraction of a second): the reference
     (seed 1), the same with a tiny memory budget, another seed with half the labels and
-    float16 features, and a graph of weaker homophily."""
+    float16 features, a graph of weaker homophily, and the reference with power-law sources,
+    with the default and a tiny memory budget."""
     root = tmp_path_factory.mktemp("synthetic")
     builds = {
         "ref": [*GRAPH, "--seed", 1],
@@ -42,6 +46,9 @@ def stores(tmp_path_factory) -> dict[str, GraphStore]:
         "other": [*GRAPH, "--seed", 2, "--label-fraction", 0.5, "--feature-dtype", "float16",
                   "--split", "0.2/0.3/0.5"],
         "weak": [*GRAPH, "--seed", 1, "--homophily", 0.3],
+        "powerlaw": [*GRAPH, "--seed", 1, "--sources", "powerlaw"],
+        "powerlaw_tiny_budget": [*GRAPH, "--seed", 1, "--sources", "powerlaw",
+                                 "--memory-budget", "64KB"],
     }
     for name, flags in builds.items():
         assert main(["prepare", "synthetic", "--out", str(root / name), *map(str, flags)]) == 0
@@ -58,11 +65,29 @@ def edge_labels(store: GraphStore) -> tuple[np.ndarray, np.ndarray]:
     return store.labels[dst], store.labels[np.asarray(store.indices)]
 
 
-def test_same_seed_same_store_regardless_of_memory_budget(stores):
-    ref, tiny = stores["ref"], stores["tiny_budget"]
+@pytest.mark.parametrize("ref, tiny", [("ref", "tiny_budget"),
+                                       ("powerlaw", "powerlaw_tiny_budget")])
+def test_same_seed_same_store_regardless_of_memory_budget(stores, ref, tiny):
     for name in STORE_ARRAYS:
-        a, b = array(ref, name), array(tiny, name)
+        a, b = array(stores[ref], name), array(stores[tiny], name)
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), name
+
+
+def test_default_sources_give_the_same_store_as_before(stores):
+    ref = stores["ref"]
+    digest = hashlib.sha256()
+    for name in STORE_ARRAYS:
+        digest.update(array(ref, name).tobytes())
+    assert digest.hexdigest() == REF_DIGEST
+    assert ref.meta["source"]["params"]["sources"] == "uniform"
+    assert stores["powerlaw"].meta["source"]["params"]["sources"] == "powerlaw"
+
+
+def test_powerlaw_sources_give_another_graph_with_the_same_features(stores):
+    ref, powerlaw = stores["ref"], stores["powerlaw"]
+    assert not np.array_equal(ref.indptr, powerlaw.indptr)
+    for name in STORE_ARRAYS[2:]:  # node arrays do not depend on the edges
+        assert array(ref, name).tobytes() == array(powerlaw, name).tobytes(), name
 
 
 def test_other_seed_other_graph(stores):
@@ -72,8 +97,9 @@ def test_other_seed_other_graph(stores):
     assert not np.array_equal(ref.labels[both], other.labels[both])
 
 
-def test_edge_stream_repeats_and_ignores_thread_count():
-    opts = options(num_nodes=5000, avg_degree=500)  # 2.5M edges: three blocks
+@pytest.mark.parametrize("sources", synthetic.SOURCE_MODELS)
+def test_edge_stream_repeats_and_ignores_thread_count(sources):
+    opts = options(num_nodes=5000, avg_degree=500, sources=sources)  # 2.5M edges: 3 blocks
     layout = synthetic.ClassLayout.plant(opts)
     first = [np.concatenate(part) for part in zip(*synthetic.edge_chunks(opts, layout))]
     blocks = synthetic.num_blocks(opts.num_edges, synthetic.EDGE_BLOCK)
@@ -96,14 +122,15 @@ def test_topology_flags_and_counts(stores):
     assert ref.meta["source"]["name"] == "synthetic"
 
 
-@pytest.mark.parametrize("name, homophily", [("ref", 0.8), ("weak", 0.3)])
+@pytest.mark.parametrize("name, homophily", [("ref", 0.8), ("weak", 0.3), ("powerlaw", 0.8)])
 def test_fraction_of_same_class_edges_follows_homophily(stores, name, homophily):
     dst_class, src_class = edge_labels(stores[name])
     assert abs(np.mean(dst_class == src_class) - homophily) < 0.05
 
 
-def test_input_edges_follow_homophily_and_classes_are_balanced():
-    opts = options(num_nodes=20000, avg_degree=20, homophily=0.65)
+@pytest.mark.parametrize("sources", synthetic.SOURCE_MODELS)
+def test_input_edges_follow_homophily_and_classes_are_balanced(sources):
+    opts = options(num_nodes=20000, avg_degree=20, homophily=0.65, sources=sources)
     layout = synthetic.ClassLayout.plant(opts)
     labels = layout.node_class
     src, dst = synthetic.edge_block(opts, layout, 0)
@@ -116,6 +143,35 @@ def test_every_node_is_the_source_of_about_avg_degree_edges():
     src, _ = synthetic.edge_block(opts, synthetic.ClassLayout.plant(opts), 0)
     out_degrees = np.bincount(src, minlength=opts.num_nodes)
     assert len(src) == 2500 and set(np.unique(out_degrees)) == {2, 3}
+
+
+def top_share(counts: np.ndarray, fraction: float = 0.1) -> float:
+    """Fraction of ``counts.sum()`` held by the largest ``fraction`` of the entries."""
+    return np.sort(counts)[::-1][:round(fraction * len(counts))].sum() / counts.sum()
+
+
+def test_powerlaw_sources_have_heavy_tailed_out_degrees():
+    opts = options(num_nodes=20000, avg_degree=20)
+    layout = synthetic.ClassLayout.plant(opts)
+    uniform_src, _ = synthetic.edge_block(opts, layout, 0)
+    powerlaw = options(num_nodes=20000, avg_degree=20, sources="powerlaw")
+    src, dst = synthetic.edge_block(powerlaw, layout, 0)
+    assert len(src) == len(uniform_src) == 400_000
+    out_degrees = np.bincount(src, minlength=opts.num_nodes)
+    assert set(np.unique(np.bincount(uniform_src, minlength=opts.num_nodes))) == {20}
+    # Weights (r + 1) ** -(2 / 3): the top 10% hold a little under 0.1 ** (1 / 3) = 46% of
+    # them (43% at this size); uniform sources give every node the same share.
+    assert 0.4 < top_share(out_degrees) < 0.55
+    assert out_degrees.max() > 50 * out_degrees.mean()
+    # The same weights at both ends: out-degrees follow in-degrees.
+    in_degrees = np.bincount(dst, minlength=opts.num_nodes)
+    assert np.corrcoef(out_degrees, in_degrees)[0, 1] > 0.9
+    assert 0.4 < top_share(in_degrees) < 0.55
+
+
+def test_powerlaw_sources_concentrate_the_stored_edges_on_hubs(stores):
+    uniform, powerlaw = stores["ref"].in_degrees(), stores["powerlaw"].in_degrees()
+    assert top_share(powerlaw) > top_share(uniform) + 0.1
 
 
 def test_degrees_are_heavy_tailed(stores):
@@ -176,7 +232,7 @@ def test_full_labels_by_default(stores):
 @pytest.mark.parametrize("flag, value", [
     ("num_nodes", 0), ("num_classes", 0), ("num_classes", NUM_NODES + 1), ("feat_dim", 0),
     ("avg_degree", 0.0), ("avg_degree", 1e-6), ("homophily", 1.5), ("feature_noise", -1.0),
-    ("degree_exponent", 2.0), ("label_fraction", 0.0), ("seed", -1),
+    ("degree_exponent", 2.0), ("label_fraction", 0.0), ("sources", "zipf"), ("seed", -1),
 ])
 def test_bad_option_names_its_flag(flag, value):
     with pytest.raises(InputError, match="must|gives no edges") as err:
@@ -194,6 +250,17 @@ def test_bad_option_on_the_command_line(tmp_path, cli):
     result = cli("prepare", "synthetic", "--out", out, *graph_flags(**{"--num-nodes": 0}),
                  timeout=60)
     assert_input_error(result, "--num-nodes", "must be at least 1")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_sources_is_a_usage_error(tmp_path, capsys):
+    out = tmp_path / "store"
+    with pytest.raises(SystemExit) as caught:
+        main(["prepare", "synthetic", "--out", str(out), *graph_flags(**{"--sources": "zipf"})])
+    assert caught.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert "error: argument --sources: invalid choice: 'zipf'" in last
+    assert "uniform" in last and "powerlaw" in last
     assert list(tmp_path.iterdir()) == []
 
 

@@ -5,13 +5,25 @@ The model (a degree-corrected planted partition):
 * A seeded permutation ``order`` of the node ids deals the nodes into ``C`` classes like
   cards: the node at position ``p`` of ``order`` has class ``p % C`` and rank ``p // C``
   within its class, so class sizes differ by at most one.
-* Every node is the source of ``avg_degree`` input edges (rounded down or up), like the
-  reference list of a paper; destinations are drawn in proportion to a weight, so in-degrees
-  are heavy-tailed, like citation counts. A node of rank ``r`` has weight about
-  ``(r + 1) ** -beta`` with ``beta = 1 / (degree_exponent - 1)``, so expected in-degrees
-  follow the power law ``P(in-degree >= k) ~ k ** -(degree_exponent - 1)``. A destination
-  in a given class is drawn by inverting the continuous power-law CDF over ranks, which
-  needs no per-node table.
+* There are ``E = round(num_nodes * avg_degree)`` input edges. Destinations are drawn in
+  proportion to a weight, so in-degrees are heavy-tailed, like citation counts. A node of
+  rank ``r`` has weight about ``(r + 1) ** -beta`` with ``beta = 1 / (degree_exponent - 1)``,
+  so expected in-degrees follow the power law
+  ``P(in-degree >= k) ~ k ** -(degree_exponent - 1)``. A node in a given class is drawn by
+  inverting the continuous power-law CDF over ranks, which needs no per-node table.
+* Sources follow ``--sources``:
+
+  - ``uniform`` (the default): edge ``i`` leaves node ``floor(i * N / E)``, so every node
+    is the source of ``avg_degree`` input edges (rounded down or up), like the reference
+    list of a paper. Out-degrees are flat; only in-degrees follow the power law, and a
+    hub's neighbours are mostly low-weight nodes.
+  - ``powerlaw``: every edge draws its source like a destination, from a class drawn
+    uniformly at random and then by weight within it, so a node's expected out-degree is
+    proportional to its weight too, and both degrees follow the power law with the same
+    exponent (a degree-corrected planted partition of Chung-Lu type). Both ends of an edge
+    favour hubs, so hubs link to hubs and the stored (symmetrized) degrees are more skewed
+    than under ``uniform``.
+
 * The destination's class is the source's with probability ``homophily``, else one of the
   other classes uniformly. So ``homophily`` is the expected fraction of same-class input
   edges.
@@ -21,9 +33,10 @@ The model (a degree-corrected planted partition):
   mediocre; averaging over (mostly same-class) neighbours shrinks the noise.
 
 Every block of edges or feature rows draws from its own generator,
-``SeedSequence(seed, spawn_key=(stream, block))``, with blocks of a fixed size. So the output
-depends only on the options and the seed (never on the memory budget or the number of
-threads), and every pass over the edges yields the same arrays.
+``SeedSequence(seed, spawn_key=(stream, block))``, with blocks of a fixed size (``powerlaw``
+sources come from a stream of their own; destinations come from the edge stream under both
+source models). So the output depends only on the options and the seed (never on the memory
+budget or the number of threads), and every pass over the edges yields the same arrays.
 """
 from __future__ import annotations
 
@@ -51,7 +64,9 @@ NOISE_LEVELS = 1 << 16          # quantization levels of the Gaussian feature no
 WORKERS = min(2, os.cpu_count() or 1)
 
 # Independent random streams: spawn_key[0] of each generator.
-_NODE_STREAM, _EDGE_STREAM, _MEAN_STREAM, _FEATURE_STREAM, _LABEL_STREAM = range(5)
+_NODE_STREAM, _EDGE_STREAM, _MEAN_STREAM, _FEATURE_STREAM, _LABEL_STREAM, _SOURCE_STREAM = \
+    range(6)
+SOURCE_MODELS = ("uniform", "powerlaw")
 
 T = TypeVar("T")
 
@@ -59,8 +74,8 @@ T = TypeVar("T")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-nodes", type=int, required=True, help="number of nodes")
     parser.add_argument("--avg-degree", type=float, required=True,
-                        help="input edges per node: each node is the source of this many "
-                             "(rounded), before symmetrization, self-loop removal and dedup")
+                        help="input edges per node, before symmetrization, self-loop "
+                             "removal and dedup")
     parser.add_argument("--feat-dim", type=int, required=True, help="feature dimension")
     parser.add_argument("--num-classes", type=int, required=True,
                         help="number of planted classes")
@@ -71,8 +86,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="std of the Gaussian noise on each feature coordinate; class means "
                              "have unit norm (default: 1.5)")
     parser.add_argument("--degree-exponent", type=float, default=2.5,
-                        help="power-law exponent of the in-degree distribution, > 2 "
-                             "(default: 2.5)")
+                        help="power-law exponent of the in-degree distribution (and of the "
+                             "out-degrees with --sources powerlaw), > 2 (default: 2.5)")
+    parser.add_argument("--sources", choices=SOURCE_MODELS, default="uniform",
+                        help="how input edges pick their source: 'uniform' (every node is "
+                             "the source of avg-degree edges, rounded) or 'powerlaw' (drawn "
+                             "by the same power-law weights as destinations, so hubs link to "
+                             "hubs) (default: uniform)")
     parser.add_argument("--label-fraction", type=float, default=1.0,
                         help="fraction of nodes that keep their label; the others get -1 "
                              "(default: 1.0)")
@@ -93,6 +113,7 @@ class Options:
     feature_noise: float
     degree_exponent: float
     label_fraction: float
+    sources: str
     seed: int
 
     @classmethod
@@ -113,9 +134,12 @@ class Options:
                 "--degree-exponent", "must be a number greater than 2")
         require(0.0 < args.label_fraction <= 1.0, "--label-fraction",
                 "must be greater than 0 and at most 1")
+        require(args.sources in SOURCE_MODELS, "--sources",
+                "must be one of " + ", ".join(SOURCE_MODELS))
         require(args.seed >= 0, "--seed", "must be a non-negative integer")
         return cls(args.num_nodes, num_edges, args.feat_dim, args.num_classes, args.homophily,
-                   args.feature_noise, args.degree_exponent, args.label_fraction, args.seed)
+                   args.feature_noise, args.degree_exponent, args.label_fraction, args.sources,
+                   args.seed)
 
 
 def require(condition: bool, flag: str, problem: str) -> None:
@@ -205,8 +229,9 @@ class ClassLayout:
         return self.order[position]
 
 
-def edge_sources(opts: Options, first: int, count: int, dtype: np.dtype) -> np.ndarray:
-    """Sources of input edges ``first .. first + count - 1``: [count] ascending node ids.
+def uniform_sources(opts: Options, first: int, count: int, dtype: np.dtype) -> np.ndarray:
+    """``uniform`` sources of input edges ``first .. first + count - 1``: [count] ascending
+    node ids of ``dtype``.
 
     Edge ``i`` leaves node ``floor(i * N / E)``, so each node is the source of
     ``floor(E / N)`` or ``ceil(E / N)`` edges, and a block's sources are consecutive nodes
@@ -222,11 +247,22 @@ def edge_sources(opts: Options, first: int, count: int, dtype: np.dtype) -> np.n
     return sources.astype(dtype)
 
 
+def powerlaw_sources(opts: Options, layout: ClassLayout, block: int, count: int) -> np.ndarray:
+    """``powerlaw`` sources of the ``count`` input edges of edge block ``block``: [count]
+    node ids in ``order``'s dtype, each drawn by weight from a uniformly random class, with
+    the block's generator of the source stream."""
+    rng = block_rng(opts.seed, _SOURCE_STREAM, block)
+    return layout.draw_nodes(rng, rng.integers(0, opts.num_classes, size=count))
+
+
 def edge_block(opts: Options, layout: ClassLayout, block: int) -> tuple[np.ndarray, np.ndarray]:
     """Input edges ``[block * EDGE_BLOCK, ...)``: (src, dst), each [B] int32/int64."""
     first = block * EDGE_BLOCK
     count = min(EDGE_BLOCK, opts.num_edges - first)
-    src = edge_sources(opts, first, count, layout.order.dtype)
+    if opts.sources == "powerlaw":
+        src = powerlaw_sources(opts, layout, block, count)
+    else:
+        src = uniform_sources(opts, first, count, layout.order.dtype)
     rng = block_rng(opts.seed, _EDGE_STREAM, block)
     dst_class = layout.node_class[src].astype(np.int64)
     if opts.num_classes > 1:
