@@ -17,7 +17,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import dgl
 import numpy as np
@@ -105,10 +105,18 @@ class SampledBatch:
         views = self.views[:1] if self.views[0] is self.views[1] else self.views
         return sum(v.cache_hits for v in views), sum(v.cache_misses for v in views)
 
-    def pin_memory(self) -> "SampledBatch":
-        first = self.views[0].pin_memory()
-        second = first if self.views[1] is self.views[0] else self.views[1].pin_memory()
+    def _map_views(self, convert: Callable[[SampledView], SampledView]) -> "SampledBatch":
+        """The batch with ``convert`` applied once to each distinct view."""
+        first = convert(self.views[0])
+        second = first if self.views[1] is self.views[0] else convert(self.views[1])
         return SampledBatch(self.seeds, (first, second), self.sample_s, self.gather_s)
+
+    def pin_memory(self) -> "SampledBatch":
+        return self._map_views(SampledView.pin_memory)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "SampledBatch":
+        """The views on ``device`` with float32 features (a view shared by both is moved once)."""
+        return self._map_views(lambda view: view.to(device, non_blocking=non_blocking))
 
 
 def batch_rng_seed(seed: int, epoch: int, batch: int, rank: int = 0) -> int:

@@ -225,10 +225,9 @@ class Trainer:
     def views(self, batch: SampledBatch) -> tuple[tuple, tuple]:
         """The two augmented views of a batch, on the training device."""
         generator = step_generator(self.config.run.seed, self.step, self.world.rank)
-        non_blocking = self.device.type == "cuda"
+        batch = batch.to(self.device, non_blocking=self.device.type == "cuda")
         augmented = []
         for index, view in enumerate(batch.views):
-            view = view.to(self.device, non_blocking=non_blocking)
             p_edge, p_feat = self.config.augment.view_rates(index)
             augmented.append(augment_view(view.adjs, view.features, p_edge, p_feat,
                                           self.config.augment.mask_mode, generator))
