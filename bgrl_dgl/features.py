@@ -84,8 +84,7 @@ def default_cache_root() -> Path:
 
 def read_rows(features: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Rows ``ids`` [n] of the (memory-mapped) feature matrix [N, F]: [n, F] in its dtype
-    (float16 stays float16 until it reaches the training device, halving host memory and
-    host-to-device bytes).
+    (for a GPU, float16 stays float16 until it gets there, halving the bytes to copy).
 
     Rows are read in ascending id order, which turns random reads of the mmap into a forward
     scan, then put back in the requested order.

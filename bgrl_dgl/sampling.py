@@ -114,6 +114,11 @@ class SampledBatch:
     def pin_memory(self) -> "SampledBatch":
         return self._map_views(SampledView.pin_memory)
 
+    def with_float32_features(self) -> "SampledBatch":
+        return self._map_views(lambda view: SampledView(
+            view.adjs, view.input_nodes, view.features.float(), view.cache_hits,
+            view.cache_misses))
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "SampledBatch":
         """The views on ``device`` with float32 features (a view shared by both is moved once)."""
         return self._map_views(lambda view: view.to(device, non_blocking=non_blocking))
@@ -253,6 +258,7 @@ class _RunBatches(Dataset):
         self.world_size = loader.world_size
         self.steps_per_epoch = loader.steps_per_epoch
         self.cache_dir = loader.cache_dir
+        self.float32_features = loader.device_type != "cuda"
         self.first_step = first_step
         self.last_step = last_step
         self._sampler: NeighborBatchSampler | None = None
@@ -273,8 +279,9 @@ class _RunBatches(Dataset):
             self._sampler = NeighborBatchSampler(store, self.config.fanouts,
                                                  self.config.graph_degrees, cache)
         seeds = torch.from_numpy(self.seed_nodes[self._epoch_order[1][batch]])
-        return self._sampler.sample(seeds, batch_rng_seed(self.seed, epoch, batch, self.rank),
-                                    self.independent)
+        sampled = self._sampler.sample(seeds, batch_rng_seed(self.seed, epoch, batch, self.rank),
+                                       self.independent)
+        return sampled.with_float32_features() if self.float32_features else sampled
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_sampler": None, "_epoch_order": None}
@@ -288,8 +295,11 @@ class BatchLoader:
     :func:`rank_batch_positions`); rank ``r`` takes slice ``r`` of every global batch, so all
     ranks run the same number of steps and together cover each seed once per epoch.
     ``cache_dir``, when set, is the directory of the machine's
-    :class:`~bgrl_dgl.features.FeatureCache`, which every sampler attaches to. With
-    ``pin_memory``, batches from workers arrive with their features in page-locked memory.
+    :class:`~bgrl_dgl.features.FeatureCache`, which every sampler attaches to.
+    ``device_type`` is where the batches are consumed: for ``cuda``, features keep the
+    store's dtype (half the bytes to copy; converted on the GPU) and batches from workers
+    arrive in page-locked memory; otherwise the workers convert them to float32, overlapping
+    the conversion with compute.
     """
 
     def __init__(self, store: GraphStore, config: SamplingConfig, seed_nodes: np.ndarray, *,
@@ -304,7 +314,7 @@ class BatchLoader:
         self.rank = rank
         self.world_size = world_size
         self.cache_dir: Path | None = None
-        self.pin_memory = False
+        self.device_type = "cpu"
 
     @property
     def steps_per_epoch(self) -> int:
@@ -327,7 +337,7 @@ class BatchLoader:
         yield from DataLoader(
             dataset, batch_size=None, shuffle=False, num_workers=self.config.num_workers,
             multiprocessing_context="forkserver", prefetch_factor=2, worker_init_fn=_worker_init,
-            generator=torch.Generator(), pin_memory=self.pin_memory,
+            generator=torch.Generator(), pin_memory=self.device_type == "cuda",
         )
 
 

@@ -196,7 +196,7 @@ class Trainer:
         self.loader = BatchLoader(store, config.sampling, seed_nodes, seed=config.run.seed,
                                   independent_views=config.augment.independent_views,
                                   rank=world.rank, world_size=world.world_size)
-        self.loader.pin_memory = device.type == "cuda"
+        self.loader.device_type = device.type
         self.total_steps = config.optim.max_steps or config.optim.epochs * self.loader.steps_per_epoch
         self.model = build_model(store.feat_dim, config.model, config.run.seed).to(device)
         self.online_branch = self._online_branch()
