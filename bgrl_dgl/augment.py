@@ -24,9 +24,9 @@ MaskMode = Literal["column", "element"]
 
 @dataclass
 class AugmentConfig:
-    edge_drop: list[float] = field([0.3, 0.2], "edge drop probabilities p_e1,p_e2 of the two views")
+    edge_drop: list[float] = field([0.4, 0.4], "edge drop probabilities p_e1,p_e2 of the two views")
     feature_mask: list[float] = field(
-        [0.3, 0.4], "feature mask probabilities p_f1,p_f2 of the two views")
+        [0.5, 0.6], "feature mask probabilities p_f1,p_f2 of the two views")
     mask_mode: MaskMode = field(
         "column",
         "column: zero the same random feature columns for every node of a view (BGRL paper); "

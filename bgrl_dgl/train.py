@@ -47,7 +47,7 @@ from .store import GraphStore
 
 @dataclass
 class OptimConfig:
-    epochs: int = field(50, "passes over the seed nodes")
+    epochs: int = field(70, "passes over the seed nodes")
     max_steps: int | None = field(None, "stop after this many steps (overrides --epochs)")
     lr: float = field(1e-3, "peak AdamW learning rate")
     weight_decay: float = field(1e-5, "AdamW weight decay")

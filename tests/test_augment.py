@@ -34,9 +34,9 @@ def assert_rate(observed: int, trials: int, p: float) -> None:
 
 def test_config_defaults_and_rates() -> None:
     config = AugmentConfig()
-    assert config.edge_drop == [0.3, 0.2] and config.feature_mask == [0.3, 0.4]
+    assert config.edge_drop == [0.4, 0.4] and config.feature_mask == [0.5, 0.6]
     assert config.mask_mode == "column" and config.independent_views is False
-    assert config.view_rates(0) == (0.3, 0.3) and config.view_rates(1) == (0.2, 0.4)
+    assert config.view_rates(0) == (0.4, 0.5) and config.view_rates(1) == (0.4, 0.6)
 
 
 @pytest.mark.parametrize("kwargs", [
