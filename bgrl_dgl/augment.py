@@ -19,6 +19,10 @@ from .config import field
 if TYPE_CHECKING:
     from .adjacency import Adjacency
 
+    # One augmented view: the sampled blocks (input layer first), their input features
+    # [N, F] and an optional feature-column keep mask [F] bool (see augment_view).
+    View = tuple[list[Adjacency], torch.Tensor, torch.Tensor | None]
+
 MaskMode = Literal["column", "element"]
 
 
@@ -68,29 +72,40 @@ def drop_edges(adj: Adjacency, p: float, generator: torch.Generator) -> Adjacenc
     return adj.keep_edges(keep)
 
 
-def mask_features(x: torch.Tensor, p: float, mode: MaskMode,
-                  generator: torch.Generator) -> torch.Tensor:
-    """Zero features of ``x`` [N, F] with probability ``p``; returns a new tensor.
+def feature_keep(x: torch.Tensor, p: float, mode: MaskMode,
+                 generator: torch.Generator) -> torch.Tensor | None:
+    """Keep mask for masking the features of ``x`` [N, F] with probability ``p``.
 
-    ``mode="column"`` zeroes whole feature columns (one draw per column, shared by all rows);
-    ``mode="element"`` draws every entry independently. ``x`` is never modified; ``p == 0``
-    returns ``x`` itself.
+    ``mode="column"``: bool [F], one draw per column, shared by all rows (BGRL paper);
+    ``mode="element"``: bool [N, F], every entry drawn independently. ``None`` when ``p == 0``.
     """
     if mode not in ("column", "element"):
         raise ValueError(f"mask mode must be column or element, got {mode!r}")
     if p == 0.0:
-        return x
+        return None
     shape = (x.shape[1],) if mode == "column" else tuple(x.shape)
-    keep = _keep_mask(shape, p, generator, x.device)
-    return x.masked_fill(~keep, 0)
+    return _keep_mask(shape, p, generator, x.device)
+
+
+def mask_features(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``x`` [N, F] with the entries where ``keep`` ([F] columns or [N, F] entries) is False
+    zeroed; a new tensor, or ``x`` itself when ``keep`` is ``None``."""
+    return x if keep is None else x.masked_fill(~keep, 0)
 
 
 def augment_view(adjs: list[Adjacency], x: torch.Tensor, p_edge: float, p_feat: float,
-                 mode: MaskMode, generator: torch.Generator) -> tuple[list[Adjacency], torch.Tensor]:
-    """One augmented view: edges dropped in every block, then input features masked.
+                 mode: MaskMode, generator: torch.Generator) -> View:
+    """One augmented view ``(blocks, features, column_keep)``: edges dropped in every block,
+    input features masked.
 
     ``adjs`` are the blocks of a sampled neighbourhood (input layer first) and ``x``
-    [adjs[0].num_src, F] their input features.
+    [adjs[0].num_src, F] their input features. An element mask is applied to a copy of ``x``
+    and ``column_keep`` is ``None``; a column mask is returned as ``column_keep`` bool [F]
+    with ``x`` itself, for the encoder to fold into its first layer's weights (equal to
+    zeroing the columns, without a masked copy of the largest tensor of the step).
     """
     dropped = [drop_edges(adj, p_edge, generator) for adj in adjs]
-    return dropped, mask_features(x, p_feat, mode, generator)
+    keep = feature_keep(x, p_feat, mode, generator)
+    if keep is not None and keep.dim() == 1:
+        return dropped, x, keep
+    return dropped, mask_features(x, keep), None

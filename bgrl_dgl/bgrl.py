@@ -12,9 +12,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from .adjacency import Adjacency
-
-    # One augmented view: the sampled blocks (input layer first) and their input features.
-    View = tuple[list[Adjacency], torch.Tensor]
+    from .augment import View
 
 
 def cosine_tau(step: int, total_steps: int, base: float) -> float:
@@ -61,9 +59,11 @@ class OnlineBranch(nn.Module):
         self.online = online
         self.predictor = predictor
 
-    def forward(self, adjs: list[Adjacency], features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings h [B, D] of the seed nodes and their predictions q [B, D]."""
-        h = self.online(adjs, features)
+    def forward(self, adjs: list[Adjacency], features: torch.Tensor,
+                column_keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings h [B, D] of the seed nodes of one view (see ``augment.View``) and their
+        predictions q [B, D]."""
+        h = self.online(adjs, features, column_keep)
         return h, self.predictor(h)
 
 

@@ -54,6 +54,13 @@ def _check_rows(adj: Adjacency, x: torch.Tensor) -> None:
         raise ValueError(f"features have {x.shape[0]} rows but the block has {adj.num_src} source nodes")
 
 
+def _linear(layer: nn.Linear, x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
+    """``layer(x * input_scale)`` for x [N, in], computed with the scale folded into the
+    weight [out, in] (no scaled copy of x): [N, out]."""
+    weight = layer.weight if input_scale is None else layer.weight * input_scale
+    return F.linear(x, weight, layer.bias)
+
+
 class SAGEConv(nn.Module):
     """GraphSAGE with the mean aggregator: ``fc_self(x_v) + fc_neigh(mean of x_u, u -> v)``.
 
@@ -69,15 +76,17 @@ class SAGEConv(nn.Module):
         nn.init.xavier_uniform_(self.fc_self.weight, gain=gain)
         nn.init.xavier_uniform_(self.fc_neigh.weight, gain=gain)
 
-    def forward(self, adj: Adjacency, x: torch.Tensor) -> torch.Tensor:
-        """x [num_src, in_dim] -> [num_dst, out_dim]."""
+    def forward(self, adj: Adjacency, x: torch.Tensor,
+                input_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """x [num_src, in_dim] -> [num_dst, out_dim]; ``input_scale`` [in_dim]: the layer
+        of ``x * input_scale``, folded into the weights."""
         _check_rows(adj, x)
         inverse_degree = adj.in_degrees().clamp(min=1).reciprocal().to(x.dtype).unsqueeze(-1)
         if self.in_dim > self.out_dim:  # project first: aggregate the narrower features
-            neighbours = weighted_sum(adj, None, self.fc_neigh(x)) * inverse_degree
+            neighbours = weighted_sum(adj, None, _linear(self.fc_neigh, x, input_scale)) * inverse_degree
         else:
-            neighbours = self.fc_neigh(weighted_sum(adj, None, x) * inverse_degree)
-        return self.fc_self(x[: adj.num_dst]) + neighbours
+            neighbours = _linear(self.fc_neigh, weighted_sum(adj, None, x) * inverse_degree, input_scale)
+        return _linear(self.fc_self, x[: adj.num_dst], input_scale) + neighbours
 
 
 class GCNConv(nn.Module):
@@ -97,17 +106,20 @@ class GCNConv(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_dim))
         nn.init.xavier_uniform_(self.weight)
 
-    def forward(self, adj: Adjacency, x: torch.Tensor) -> torch.Tensor:
-        """x [num_src, in_dim] -> [num_dst, out_dim]."""
+    def forward(self, adj: Adjacency, x: torch.Tensor,
+                input_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """x [num_src, in_dim] -> [num_dst, out_dim]; ``input_scale`` [in_dim]: the layer
+        of ``x * input_scale``, folded into the weight."""
         _check_rows(adj, x)
+        weight = self.weight if input_scale is None else self.weight * input_scale.unsqueeze(-1)
         if self.self_loops:
             adj = adj.self_looped
         src_degree, dst_degree = adj.normalising_degrees
         h = x * src_degree.clamp(min=1).rsqrt().to(x.dtype).unsqueeze(-1)
         if self._project_first(adj):
-            h = weighted_sum(adj, None, h @ self.weight)
+            h = weighted_sum(adj, None, h @ weight)
         else:
-            h = weighted_sum(adj, None, h) @ self.weight
+            h = weighted_sum(adj, None, h) @ weight
         return h * dst_degree.clamp(min=1).rsqrt().to(h.dtype).unsqueeze(-1) + self.bias
 
 
@@ -143,10 +155,12 @@ class GATConv(nn.Module):
         for weight in (self.fc.weight, self.attn_l, self.attn_r):
             nn.init.xavier_normal_(weight, gain=gain)
 
-    def forward(self, adj: Adjacency, x: torch.Tensor) -> torch.Tensor:
-        """x [num_src, in_dim] -> [num_dst, out_dim]."""
+    def forward(self, adj: Adjacency, x: torch.Tensor,
+                input_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """x [num_src, in_dim] -> [num_dst, out_dim]; ``input_scale`` [in_dim]: the layer
+        of ``x * input_scale``, folded into the projection."""
         _check_rows(adj, x)
-        h = self.fc(x).view(-1, self.heads, self.head_dim)
+        h = _linear(self.fc, x, input_scale).view(-1, self.heads, self.head_dim)
         score_src = (h * self.attn_l).sum(-1)
         score_dst = (h[: adj.num_dst] * self.attn_r).sum(-1)
         scores = F.leaky_relu(score_src[adj.indices] + score_dst[adj.dst_index], self.negative_slope)
@@ -197,18 +211,27 @@ class Encoder(nn.Module):
             self.norms.append(make_norm(config.norm if activated else "none", size))
             self.activations.append(nn.PReLU() if activated else nn.Identity())
 
-    def layer_forward(self, i: int, adj: Adjacency, h: torch.Tensor) -> torch.Tensor:
-        """Layer ``i``: h [adj.num_src, in] -> [adj.num_dst, out] (convolution, norm, PReLU)."""
-        h = self.convs[i](adj, self.dropout(h))
+    def layer_forward(self, i: int, adj: Adjacency, h: torch.Tensor,
+                      input_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Layer ``i``: h [adj.num_src, in] -> [adj.num_dst, out] (convolution, norm, PReLU);
+        ``input_scale`` [in] scales the columns of ``h`` inside the convolution's weights."""
+        h = self.convs[i](adj, self.dropout(h), input_scale)
         return self.activations[i](self.norms[i](h))
 
-    def forward(self, adjs: list[Adjacency], x: torch.Tensor) -> torch.Tensor:
-        """x [adjs[0].num_src, in_dim] float -> [adjs[-1].num_dst, out_dim]."""
+    def forward(self, adjs: list[Adjacency], x: torch.Tensor,
+                column_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x [adjs[0].num_src, in_dim] float -> [adjs[-1].num_dst, out_dim].
+
+        ``column_keep`` [in_dim] bool: a view's feature-column mask; the result equals the
+        forward of ``x`` with the other columns zeroed, as the mask is folded into the first
+        layer's weights instead of copying ``x``.
+        """
         if len(adjs) != self.num_layers:
             raise ValueError(f"the encoder has {self.num_layers} layers but got {len(adjs)} blocks")
+        scale = None if column_keep is None else column_keep.to(x.dtype)
         h = x
         for i, adj in enumerate(adjs):
-            h = self.layer_forward(i, adj, h)
+            h = self.layer_forward(i, adj, h, scale if i == 0 else None)
         return h
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bgrl_dgl.adjacency import Adjacency
-from bgrl_dgl.augment import AugmentConfig, augment_view, drop_edges, mask_features
+from bgrl_dgl.augment import AugmentConfig, augment_view, drop_edges, feature_keep, mask_features
 
 
 def random_adjacency(num_src: int, num_dst: int, num_edges: int, seed: int = 0) -> Adjacency:
@@ -70,55 +70,69 @@ def test_drop_edges_zero_is_identity_and_seed_reproducible() -> None:
     assert edge_pairs(first) != edge_pairs(other)
 
 
+def masked(x: torch.Tensor, p: float, mode: str, seed: int = 0) -> torch.Tensor:
+    return mask_features(x, feature_keep(x, p, mode, torch.Generator().manual_seed(seed)))
+
+
 def test_column_mask_zeroes_whole_columns_at_rate() -> None:
     x = torch.rand(5, 100_000) + 0.5  # no zero entries before masking
-    masked = mask_features(x, 0.3, "column", torch.Generator().manual_seed(0))
-    zero_columns = (masked == 0).all(dim=0)
-    assert torch.equal((masked == 0).any(dim=0), zero_columns)  # a column is zero in all rows or none
-    assert torch.equal(masked[:, ~zero_columns], x[:, ~zero_columns])
+    out = masked(x, 0.3, "column")
+    zero_columns = (out == 0).all(dim=0)
+    assert torch.equal((out == 0).any(dim=0), zero_columns)  # a column is zero in all rows or none
+    assert torch.equal(out[:, ~zero_columns], x[:, ~zero_columns])
     assert_rate(int(zero_columns.sum()), x.shape[1], 0.3)
 
 
 def test_element_mask_is_independent_per_entry() -> None:
     x = torch.rand(100, 1000) + 0.5
-    masked = mask_features(x, 0.4, "element", torch.Generator().manual_seed(0))
-    zeros = masked == 0
+    out = masked(x, 0.4, "element")
+    zeros = out == 0
     assert_rate(int(zeros.sum()), x.numel(), 0.4)
     assert not torch.equal(zeros[0], zeros[1])  # rows get different masks
-    assert torch.equal(masked[~zeros], x[~zeros])
+    assert torch.equal(out[~zeros], x[~zeros])
 
 
 @pytest.mark.parametrize("mode", ["column", "element"])
 def test_mask_leaves_input_untouched_and_keeps_dtype(mode: str) -> None:
     x = torch.rand(20, 30, dtype=torch.float16) + 0.5
     before = x.clone()
-    masked = mask_features(x, 0.5, mode, torch.Generator().manual_seed(0))
+    out = masked(x, 0.5, mode)
     assert torch.equal(x, before)
-    assert masked.dtype == torch.float16 and masked.shape == x.shape
-    assert (masked == 0).any()
-    assert mask_features(x, 0.0, mode, torch.Generator()) is x
+    assert out.dtype == torch.float16 and out.shape == x.shape
+    assert (out == 0).any()
+    assert feature_keep(x, 0.0, mode, torch.Generator()) is None
+    assert mask_features(x, None) is x
+    with pytest.raises(ValueError, match="mask mode"):
+        feature_keep(x, 0.5, "row", torch.Generator())
 
 
 def test_augment_view_drops_in_every_block_and_masks_features() -> None:
     adjs = [random_adjacency(400, 100, 4000, seed=1), random_adjacency(100, 10, 1000, seed=2)]
     x = torch.rand(400, 64) + 0.5
-    out_adjs, out_x = augment_view(adjs, x, 0.5, 0.5, "column", torch.Generator().manual_seed(3))
+    out_adjs, out_x, column_keep = augment_view(adjs, x, 0.5, 0.5, "column",
+                                                torch.Generator().manual_seed(3))
     assert len(out_adjs) == 2
     for before, after in zip(adjs, out_adjs):
         assert (after.num_src, after.num_dst) == (before.num_src, before.num_dst)
         assert 0 < after.indices.numel() < before.indices.numel()
-    assert (out_x == 0).all(dim=0).any() and out_x.shape == x.shape
+    # A column mask is handed to the encoder, not applied to a copy of the features.
+    assert out_x is x and column_keep.shape == (64,) and column_keep.dtype == torch.bool
+    assert 0 < int(column_keep.sum()) < 64
 
-    same_adjs, same_x = augment_view(adjs, x, 0.0, 0.0, "element", torch.Generator())
-    assert all(a is b for a, b in zip(same_adjs, adjs)) and same_x is x
+    _, element_x, no_keep = augment_view(adjs, x, 0.5, 0.5, "element",
+                                         torch.Generator().manual_seed(3))
+    assert no_keep is None and (element_x == 0).any() and element_x.shape == x.shape
+
+    same_adjs, same_x, same_keep = augment_view(adjs, x, 0.0, 0.0, "column", torch.Generator())
+    assert all(a is b for a, b in zip(same_adjs, adjs)) and same_x is x and same_keep is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cpu_generator_gives_same_augmentation_on_cuda() -> None:
     adj = random_adjacency(200, 50, 2000)
     x = torch.rand(200, 32)
-    cpu_adjs, cpu_x = augment_view([adj], x, 0.3, 0.3, "element", torch.Generator().manual_seed(5))
-    gpu_adjs, gpu_x = augment_view([adj.to("cuda")], x.cuda(), 0.3, 0.3, "element",
+    cpu_adjs, cpu_x, _ = augment_view([adj], x, 0.3, 0.3, "element", torch.Generator().manual_seed(5))
+    gpu_adjs, gpu_x, _ = augment_view([adj.to("cuda")], x.cuda(), 0.3, 0.3, "element",
                                    torch.Generator().manual_seed(5))
     assert gpu_x.is_cuda and gpu_adjs[0].indices.is_cuda
     assert torch.equal(gpu_x.cpu(), cpu_x)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from bgrl_dgl.adjacency import Adjacency
-from bgrl_dgl.augment import augment_view
+from bgrl_dgl.augment import augment_view, mask_features
 from bgrl_dgl.bgrl import BGRL, bootstrap_loss, cosine_tau, embedding_std
 from bgrl_dgl.model import Encoder, ModelConfig, Predictor
 
@@ -22,7 +22,9 @@ class MeanEncoder(nn.Module):
                                  nn.Linear(16, out_dim))
         self.out_dim = out_dim
 
-    def forward(self, adjs: list[Adjacency], x: torch.Tensor) -> torch.Tensor:
+    def forward(self, adjs: list[Adjacency], x: torch.Tensor,
+                column_keep: torch.Tensor | None = None) -> torch.Tensor:
+        x = mask_features(x, column_keep)
         for adj in adjs:
             total = x[: adj.num_dst].clone().index_add_(0, adj.dst_index, x[adj.indices])
             x = total / (1 + adj.indptr.diff()).unsqueeze(1)

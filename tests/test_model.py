@@ -1,6 +1,7 @@
 """The block adjacency, its aggregation primitives and the encoder, checked against dgl.nn."""
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 # bgrl_dgl first: it selects DGL's PyTorch backend and stops ogb/dgl asking PyPI for updates.
 from bgrl_dgl.adjacency import (Adjacency, gathered_weighted_sum, segment_softmax, segment_sum,
                                 weighted_sum)
+from bgrl_dgl.augment import mask_features
 from bgrl_dgl.model import Encoder, GATConv, GCNConv, ModelConfig, Predictor, SAGEConv
 
 import dgl  # noqa: E402  (isort: skip)
@@ -318,6 +320,28 @@ def test_encoder_maps_input_nodes_to_seed_embeddings(graph, conv, norm):
     out.square().sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in encoder.parameters())
     assert x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("hidden", [[4, 8], [24, 8]], ids=["narrowing", "widening"])
+@pytest.mark.parametrize("conv", ["gcn", "sage", "gat"])
+def test_column_keep_equals_zeroed_feature_columns(graph, conv, hidden):
+    """A view's column mask folded into the first layer's weights gives the forward and the
+    weight gradients of the encoder on the features with those columns zeroed."""
+    torch.manual_seed(0)
+    folded = Encoder(IN_DIM, ModelConfig(conv=conv, hidden=hidden, heads=2))
+    zeroed = copy.deepcopy(folded)
+    adjs = [Adjacency.from_block(b) for b in sampled_blocks(graph, full=False)]
+    x = torch.randn(adjs[0].num_src, IN_DIM)
+    keep = torch.rand(IN_DIM, generator=torch.Generator().manual_seed(1)) >= 0.5
+    assert 0 < int(keep.sum()) < IN_DIM
+    out = folded(adjs, x, keep)
+    expected = zeroed(adjs, mask_features(x, keep))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out, zeroed(adjs, x), atol=1e-3)  # the mask does change the output
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for (name, p), q in zip(folded.named_parameters(), zeroed.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_encoder_final_activation_switch(graph):
