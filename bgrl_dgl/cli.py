@@ -329,16 +329,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     try:
         return args.handler(args)
-    except InputError as err:
+    except (InputError, RunError) as err:
         if debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except RunError as err:
-        if debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        # One write with its newline: the lines of processes sharing a stderr (ranks under
+        # torchrun) must not interleave.
+        sys.stderr.write(f"error: {err}\n")
+        sys.stderr.flush()
+        return 2 if isinstance(err, InputError) else 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
