@@ -106,6 +106,6 @@ def augment_view(adjs: list[Adjacency], x: torch.Tensor, p_edge: float, p_feat: 
     """
     dropped = [drop_edges(adj, p_edge, generator) for adj in adjs]
     keep = feature_keep(x, p_feat, mode, generator)
-    if keep is not None and keep.dim() == 1:
+    if mode == "column":
         return dropped, x, keep
     return dropped, mask_features(x, keep), None

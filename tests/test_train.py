@@ -283,7 +283,7 @@ def test_resume_of_a_finished_run_trains_no_further(store_dir, reference_run, tm
 
 # ---- host allocator ------------------------------------------------------------------------
 FAULTS_PER_STEP = """
-import resource, sys
+import resource
 import torch
 from bgrl_dgl.train import keep_freed_host_memory
 print(keep_freed_host_memory())
