@@ -8,14 +8,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import config as cfg
-from .errors import InputError, RunError
+from bgrl_dgl import config as cfg
+from bgrl_dgl.errors import InputError, RunError
 
 GLOBAL_TOPOLOGY = {"symmetrize": False, "self_loops": "keep", "dedup": True}
 
 
 def add_prepare_parser(commands: argparse._SubParsersAction, argv: Sequence[str] = ()) -> None:
-    from .sources import SOURCE_NAMES, available_sources
+    from bgrl_dgl.sources import SOURCE_NAMES, available_sources
 
     prepare = commands.add_parser("prepare", help="turn a graph into an on-disk store")
     formats = prepare.add_subparsers(dest="source", required=True, metavar="SOURCE")
@@ -42,7 +42,7 @@ def add_prepare_parser(commands: argparse._SubParsersAction, argv: Sequence[str]
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    from .builder import StoreWriter
+    from bgrl_dgl.store.writer import StoreWriter
 
     params = {k: v for k, v in vars(args).items()
               if k not in ("handler", "build", "debug", "command") and not callable(v)}
@@ -51,7 +51,7 @@ def run_prepare(args: argparse.Namespace) -> int:
                      source={"name": args.source_name, "params": params}) as writer:
         args.build(args, writer)
         path = writer.commit()
-    from .store import GraphStore
+    from bgrl_dgl.store.reader import GraphStore
 
     summary = GraphStore.open(path).summary()
     print(f"wrote {path}: {summary['num_nodes']:,} nodes, {summary['num_edges']:,} edges, "
@@ -69,7 +69,7 @@ def add_info_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from .store import GraphStore
+    from bgrl_dgl.store.reader import GraphStore
 
     store = GraphStore.open(args.data, check="full" if args.full else "cheap")
     summary = store.summary()
@@ -83,7 +83,7 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def add_train_parser(commands: argparse._SubParsersAction) -> None:
-    from .train import TrainConfig
+    from bgrl_dgl.training.trainer import TrainConfig
 
     train = commands.add_parser(
         "train", help="train BGRL on a store",
@@ -102,7 +102,7 @@ def load_train_config(args: argparse.Namespace):
     """Defaults <- saved run config (when resuming) <- --config YAML <- flags."""
     from pathlib import Path
 
-    from .train import TrainConfig
+    from bgrl_dgl.training.trainer import TrainConfig
 
     data: dict = {}
     saved = Path(args.out) / "config.yaml"
@@ -115,8 +115,8 @@ def load_train_config(args: argparse.Namespace):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .distributed import world_from_env
-    from .train import train
+    from bgrl_dgl.training.distributed import world_from_env
+    from bgrl_dgl.training.trainer import train
 
     world = world_from_env()
     metrics = train(args.data, args.out, load_train_config(args), resume=args.resume, world=world)
@@ -142,10 +142,10 @@ def add_probe_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_probe(args: argparse.Namespace) -> int:
-    from .evaluate import linear_probe, random_split_probe, summarize
-    from .inference import embed_store
-    from .store import GraphStore
-    from .train import load_encoder, load_run_config
+    from bgrl_dgl.embeddings.probe import linear_probe, random_split_probe, summarize
+    from bgrl_dgl.embeddings.layerwise import embed_store
+    from bgrl_dgl.store.reader import GraphStore
+    from bgrl_dgl.training.trainer import load_encoder, load_run_config
 
     store = GraphStore.open(args.data or load_run_config(args.run)[1]["data"])
     if store.labels is None:
@@ -208,8 +208,8 @@ def add_embed_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_embed(args: argparse.Namespace) -> int:
-    from .distributed import world_from_env
-    from .export import InferenceOptions, export_embeddings
+    from bgrl_dgl.training.distributed import world_from_env
+    from bgrl_dgl.embeddings.export import InferenceOptions, export_embeddings
 
     result = export_embeddings(
         args.out, run=args.run, checkpoint=args.checkpoint, data=args.data, encoder=args.encoder,
@@ -240,8 +240,8 @@ def add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .export import evaluate_export
-    from .report import append_evaluation, check_run_dir
+    from bgrl_dgl.embeddings.export import evaluate_export
+    from bgrl_dgl.report import append_evaluation, check_run_dir
 
     if args.run is not None:
         check_run_dir(args.run)
@@ -274,7 +274,7 @@ def add_report_parser(commands: argparse._SubParsersAction) -> None:
 def run_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .report import RunHistory, format_summary, plot_history
+    from bgrl_dgl.report import RunHistory, format_summary, plot_history
 
     history = RunHistory.load(args.run)
     print(format_summary(history.summary(), history.evaluations), flush=True)

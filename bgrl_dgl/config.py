@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
-from .errors import InputError
+from bgrl_dgl.errors import InputError
 
 T = TypeVar("T")
 

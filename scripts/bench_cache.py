@@ -44,9 +44,9 @@ import dgl
 import numpy as np
 import torch
 
-from bgrl_dgl.features import FeatureCache, advise_random_reads, read_rows
-from bgrl_dgl.sampling import SamplingConfig, epoch_permutation, one_omp_thread
-from bgrl_dgl.store import GraphStore
+from bgrl_dgl.loading.feature_cache import FeatureCache, advise_random_reads, read_rows
+from bgrl_dgl.loading.loader import SamplingConfig, epoch_permutation, one_omp_thread
+from bgrl_dgl.store.reader import GraphStore
 
 REPO = Path(__file__).resolve().parents[1]
 PAGE = 4096

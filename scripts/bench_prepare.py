@@ -82,7 +82,7 @@ OPEN_STORE = """
 import json, sys, time
 import dgl, torch
 import bgrl_dgl
-from bgrl_dgl.store import GraphStore
+from bgrl_dgl.store.reader import GraphStore
 
 def rss_anon():
     for line in open("/proc/self/status"):

@@ -21,10 +21,10 @@ import numpy as np
 
 import bgrl_dgl  # noqa: F401  (sets the DGL backend)
 from bgrl_dgl.cli import main as cli_main
-from bgrl_dgl.evaluate import linear_probe, random_split_probe
-from bgrl_dgl.inference import embed_store
-from bgrl_dgl.store import GraphStore
-from bgrl_dgl.train import TrainConfig, load_encoder, train
+from bgrl_dgl.embeddings.probe import linear_probe, random_split_probe
+from bgrl_dgl.embeddings.layerwise import embed_store
+from bgrl_dgl.store.reader import GraphStore
+from bgrl_dgl.training.trainer import TrainConfig, load_encoder, train
 
 REPO = Path(__file__).resolve().parents[1]
 CORA = REPO.parent / "shared" / "data" / "cora"

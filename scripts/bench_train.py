@@ -1,6 +1,6 @@
 """Benchmark a BGRL training step against a plain supervised GraphSAGE step on the same batches.
 
-Both arms are fed by the same :class:`~bgrl_dgl.sampling.BatchLoader` (the Trainer's), over
+Both arms are fed by the same :class:`~bgrl_dgl.loading.loader.BatchLoader` (the Trainer's), over
 the same batches (global steps ``0 .. warmup + steps - 1``), and are timed end to end: each
 step's wait for the loader plus its compute. The first ``--warmup`` steps of each arm
 (worker start-up, cold page cache, allocator growth) are not counted.
@@ -53,10 +53,10 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 import bgrl_dgl  # noqa: F401  (sets the DGL backend)
 from bgrl_dgl import config as cfg
-from bgrl_dgl.adjacency import Adjacency
-from bgrl_dgl.sampling import BatchLoader, SampledBatch
-from bgrl_dgl.store import GraphStore
-from bgrl_dgl.train import TrainConfig, Trainer
+from bgrl_dgl.model.adjacency import Adjacency
+from bgrl_dgl.loading.loader import BatchLoader, SampledBatch
+from bgrl_dgl.store.reader import GraphStore
+from bgrl_dgl.training.trainer import TrainConfig, Trainer
 
 from benchlib import DATA, size_label, synthetic_store
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from bgrl_dgl.adjacency import Adjacency
-from bgrl_dgl.augment import augment_view, mask_features
-from bgrl_dgl.bgrl import BGRL, bootstrap_loss, cosine_tau, embedding_std
-from bgrl_dgl.model import Encoder, ModelConfig, Predictor
+from bgrl_dgl.model.adjacency import Adjacency
+from bgrl_dgl.model.augment import augment_view, mask_features
+from bgrl_dgl.model.bgrl import BGRL, bootstrap_loss, cosine_tau, embedding_std
+from bgrl_dgl.model.encoder import Encoder, ModelConfig, Predictor
 
 
 class MeanEncoder(nn.Module):

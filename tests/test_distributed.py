@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bgrl_dgl.distributed import World, world_from_env
-from bgrl_dgl.train import OptimConfig, compute_threads
+from bgrl_dgl.training.distributed import World, world_from_env
+from bgrl_dgl.training.trainer import OptimConfig, compute_threads
 
 from conftest import PLANTED_NODES, REPO
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from bgrl_dgl.evaluate import (
+from bgrl_dgl.embeddings.probe import (
     DEFAULT_WEIGHT_DECAYS, ProbeResult, linear_probe, random_split_probe, summarize,
 )
-from bgrl_dgl.sources.splits import stratified_split
+from bgrl_dgl.splits import stratified_split
 
 FRACTIONS = (0.2, 0.2, 0.6)
 

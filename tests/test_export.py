@@ -15,13 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from bgrl_dgl.builder import StoreWriter
-from bgrl_dgl.checkpoint import latest_checkpoint
+from bgrl_dgl.store.writer import StoreWriter
+from bgrl_dgl.training.checkpoint import latest_checkpoint
 from bgrl_dgl.cli import main
-from bgrl_dgl.inference import embed_store
-from bgrl_dgl.model import Encoder, ModelConfig
-from bgrl_dgl.store import GraphStore
-from bgrl_dgl.train import load_encoder
+from bgrl_dgl.embeddings.layerwise import embed_store
+from bgrl_dgl.model.encoder import Encoder, ModelConfig
+from bgrl_dgl.store.reader import GraphStore
+from bgrl_dgl.training.trainer import load_encoder
 from conftest import assert_input_error
 
 NUM_NODES = 600

@@ -1,4 +1,4 @@
-"""The shared host-memory cache of hot feature rows (``bgrl_dgl.features``) and its use in
+"""The shared host-memory cache of hot feature rows (``bgrl_dgl.loading.feature_cache``) and its use in
 sampling and training."""
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from bgrl_dgl.cli import main
-from bgrl_dgl import features
+from bgrl_dgl.loading import feature_cache as features
 from bgrl_dgl.errors import InputError
-from bgrl_dgl.features import (
+from bgrl_dgl.loading.feature_cache import (
     FeatureCache, cache_directory, count_sampled_inputs, default_cache_root, hot_nodes,
     read_rows,
 )
-from bgrl_dgl.sampling import NeighborBatchSampler, SamplingConfig
-from bgrl_dgl.store import GraphStore
+from bgrl_dgl.loading.loader import NeighborBatchSampler, SamplingConfig
+from bgrl_dgl.store.reader import GraphStore
 from conftest import REPO, assert_input_error, write_test_store
 
 NUM_NODES, FEAT_DIM = 300, 8
@@ -191,8 +191,8 @@ def test_a_sampler_with_a_cache_reads_the_feature_file_without_read_around(store
 ATTACH = """
 import hashlib, json, sys
 import numpy as np
-from bgrl_dgl.features import FeatureCache
-from bgrl_dgl.store import GraphStore
+from bgrl_dgl.loading.feature_cache import FeatureCache
+from bgrl_dgl.store.reader import GraphStore
 
 cache = FeatureCache.open(sys.argv[1])
 store = GraphStore.open(sys.argv[2])

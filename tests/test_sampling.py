@@ -1,4 +1,4 @@
-"""Seed batches, neighbour sampling and feature gathering (``bgrl_dgl.sampling``)."""
+"""Seed batches, neighbour sampling and feature gathering (``bgrl_dgl.loading.loader``)."""
 from __future__ import annotations
 
 import multiprocessing
@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from bgrl_dgl.errors import InputError
-from bgrl_dgl.sampling import (
+from bgrl_dgl.loading.loader import (
     BatchLoader, NeighborBatchSampler, SampledBatch, SampledView, SamplingConfig,
     batch_rng_seed, epoch_permutation, resolve_seed_nodes,
 )
-from bgrl_dgl.store import GraphStore
+from bgrl_dgl.store.reader import GraphStore
 from conftest import write_test_store
 
 NUM_NODES, FEAT_DIM = 150, 6

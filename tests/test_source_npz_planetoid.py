@@ -14,10 +14,10 @@ import scipy.sparse as sp
 
 from bgrl_dgl.cli import main
 from bgrl_dgl.errors import InputError
-from bgrl_dgl.safe_pickle import load_restricted
+from bgrl_dgl.sources.safe_pickle import load_restricted
 from bgrl_dgl.sources.npz import read_npz
 from bgrl_dgl.sources.planetoid import planetoid_files, read_planetoid
-from bgrl_dgl.store import GraphStore
+from bgrl_dgl.store.reader import GraphStore
 from conftest import assert_input_error
 
 CORA_NODES = 2708

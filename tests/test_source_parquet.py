@@ -11,7 +11,7 @@ import pytest
 
 from bgrl_dgl.cli import main
 from bgrl_dgl.sources.parquet import sorted_unique_ids
-from bgrl_dgl.store import GraphStore
+from bgrl_dgl.store.reader import GraphStore
 from conftest import assert_input_error
 
 # Non-contiguous, unsorted, negative and beyond-int32 ids.

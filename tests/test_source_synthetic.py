@@ -14,7 +14,7 @@ import pytest
 from bgrl_dgl.cli import main
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.sources import synthetic
-from bgrl_dgl.store import GraphStore
+from bgrl_dgl.store.reader import GraphStore
 from conftest import REPO, assert_input_error
 
 NUM_NODES, AVG_DEGREE, FEAT_DIM, NUM_CLASSES = 3000, 8, 16, 4

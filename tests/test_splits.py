@@ -6,7 +6,7 @@ import argparse
 import numpy as np
 import pytest
 
-from bgrl_dgl.sources.splits import parse_fractions, stratified_split
+from bgrl_dgl.splits import parse_fractions, stratified_split
 
 
 def test_parse_fractions_accepts_three_fractions_summing_to_one():

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from bgrl_dgl.builder import StoreWriter
+from bgrl_dgl.store.writer import StoreWriter
 from bgrl_dgl.errors import InputError
-from bgrl_dgl.store import GraphStore, NpyWriter
+from bgrl_dgl.store.reader import GraphStore, NpyWriter
 
 from conftest import REPO, assert_input_error
 
@@ -418,7 +418,7 @@ def test_info_full_reports_corruption(cli, store_dir):
 SLOW_WRITER = textwrap.dedent("""
     import sys, time
     import numpy as np
-    from bgrl_dgl.builder import StoreWriter
+    from bgrl_dgl.store.writer import StoreWriter
 
     def chunks():
         yield np.array([0, 1]), np.array([1, 2])

@@ -18,10 +18,10 @@ import torch
 import yaml
 
 from bgrl_dgl import config as cfg
-from bgrl_dgl.bgrl import cosine_tau
-from bgrl_dgl.checkpoint import list_checkpoints
+from bgrl_dgl.model.bgrl import cosine_tau
+from bgrl_dgl.training.checkpoint import list_checkpoints
 from bgrl_dgl.cli import main
-from bgrl_dgl.train import TrainConfig, build_model, load_encoder, lr_factor
+from bgrl_dgl.training.trainer import TrainConfig, build_model, load_encoder, lr_factor
 from conftest import PLANTED_NODES, REPO, assert_input_error
 
 NUM_NODES, BATCH_SIZE = PLANTED_NODES, 64
@@ -285,7 +285,7 @@ def test_resume_of_a_finished_run_trains_no_further(store_dir, reference_run, tm
 FAULTS_PER_STEP = """
 import resource
 import torch
-from bgrl_dgl.train import keep_freed_host_memory
+from bgrl_dgl.training.trainer import keep_freed_host_memory
 print(keep_freed_host_memory())
 def step():  # activations of several sizes alive together, then freed, as in a training step
     held = [torch.ones(rows, 1024) for rows in (3000, 1000, 2500, 500, 2000)]

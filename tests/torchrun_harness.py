@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from bgrl_dgl import train as train_module
+from bgrl_dgl.training import trainer as train_module
 from bgrl_dgl.cli import main
 
 RANK = int(os.environ.get("RANK", "0"))

@@ -1,7 +1,7 @@
 """Graph sources for ``bgrl-dgl prepare SOURCE``.
 
 Each module in this package defines ``SOURCE``, a :class:`Source`: its command-line options
-and a ``build`` function that streams the graph into a :class:`~bgrl_dgl.builder.StoreWriter`
+and a ``build`` function that streams the graph into a :class:`~bgrl_dgl.store.reader.writer.StoreWriter`
 (topology, features, labels, splits, original ids). The writer validates and commits; a
 source only reads its input and raises :class:`~bgrl_dgl.errors.InputError` on bad input.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
-    from ..builder import StoreWriter
+    from bgrl_dgl.store.reader.writer import StoreWriter
 
 
 @dataclass(frozen=True)

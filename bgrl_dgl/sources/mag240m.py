@@ -47,9 +47,9 @@ import torch
 from ogb.lsc.mag240m import MAG240MDataset
 from ogb.lsc.utils import split_test
 
-from ..errors import InputError
-from . import UNDIRECTED, Source
-from .ogb import EDGE_ROW_BYTES, as_node_ids, class_ids, load_torch_file
+from bgrl_dgl.errors import InputError
+from bgrl_dgl.sources import UNDIRECTED, Source
+from bgrl_dgl.sources.ogb import EDGE_ROW_BYTES, as_node_ids, class_ids, load_torch_file
 
 PAPER_RELATION = ("paper", "paper")
 AUTHOR_RELATIONS = (("author", "paper"), ("author", "institution"))

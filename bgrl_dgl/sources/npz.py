@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 import scipy.sparse as sp
 
-from ..errors import InputError
-from . import UNDIRECTED, Source
-from .splits import DEFAULT_FRACTIONS, parse_fractions, stratified_split
+from bgrl_dgl.errors import InputError
+from bgrl_dgl.sources import UNDIRECTED, Source
+from bgrl_dgl.splits import DEFAULT_FRACTIONS, parse_fractions, stratified_split
 
 if TYPE_CHECKING:
-    from ..builder import StoreWriter
+    from bgrl_dgl.store.writer import StoreWriter
 
 CSR_PARTS = ("data", "indices", "indptr", "shape")
 REQUIRED_KEYS = (*(f"adj_{part}" for part in CSR_PARTS),

@@ -43,9 +43,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..errors import InputError
-from ..safe_pickle import RestrictedUnpickler
-from . import UNDIRECTED, Source
+from bgrl_dgl.errors import InputError
+from bgrl_dgl.sources.safe_pickle import RestrictedUnpickler
+from bgrl_dgl.sources import UNDIRECTED, Source
 
 OGBN_NAMES = ("ogbn-arxiv", "ogbn-products", "ogbn-papers100M")
 SPLIT_NAMES = ("train", "valid", "test")
@@ -64,7 +64,7 @@ EdgeChunks = Iterator[tuple[np.ndarray, np.ndarray]]
 # --- torch files ------------------------------------------------------------------------------
 
 class TorchFileUnpickler(RestrictedUnpickler):
-    """:class:`~bgrl_dgl.safe_pickle.RestrictedUnpickler` plus what ``torch.save`` writes around
+    """:class:`~bgrl_dgl.sources.safe_pickle.RestrictedUnpickler` plus what ``torch.save`` writes around
     tensors and numpy arrays: tensor rebuilding (storages are resolved by ``torch.load``
     itself) and ``_codecs.encode``, which pickle protocol 2 uses for raw bytes."""
 

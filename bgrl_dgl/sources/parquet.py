@@ -24,12 +24,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import InputError
-from . import Source
-from .splits import DEFAULT_FRACTIONS, parse_fractions, stratified_split
+from bgrl_dgl.errors import InputError
+from bgrl_dgl.sources import Source
+from bgrl_dgl.splits import DEFAULT_FRACTIONS, parse_fractions, stratified_split
 
 if TYPE_CHECKING:
-    from ..builder import StoreWriter
+    from bgrl_dgl.store.writer import StoreWriter
 
 # Working bytes per edge while relabelling: raw ids, local ids and search positions.
 EDGE_CHUNK_BYTES = 6 * 8

@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Iterator, Mapping
 import numpy as np
 import scipy.sparse as sp
 
-from ..errors import InputError
-from ..safe_pickle import load_restricted
-from . import UNDIRECTED, Source
-from .npz import write_sparse_features
+from bgrl_dgl.errors import InputError
+from bgrl_dgl.sources.safe_pickle import load_restricted
+from bgrl_dgl.sources import UNDIRECTED, Source
+from bgrl_dgl.sources.npz import write_sparse_features
 
 if TYPE_CHECKING:
-    from ..builder import StoreWriter
+    from bgrl_dgl.store.writer import StoreWriter
 
 NUM_VALID = 500
 PICKLED_PARTS = ("allx", "ally", "tx", "ty", "y", "graph")

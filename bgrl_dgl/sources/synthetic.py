@@ -50,12 +50,12 @@ from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 import numpy as np
 from scipy.special import ndtri
 
-from ..errors import InputError
-from . import UNDIRECTED, Source
-from .splits import DEFAULT_FRACTIONS, parse_fractions, stratified_split
+from bgrl_dgl.errors import InputError
+from bgrl_dgl.sources import UNDIRECTED, Source
+from bgrl_dgl.splits import DEFAULT_FRACTIONS, parse_fractions, stratified_split
 
 if TYPE_CHECKING:
-    from ..builder import StoreWriter
+    from bgrl_dgl.store.writer import StoreWriter
 
 SOURCE_PATH = "synthetic"
 EDGE_BLOCK = 1 << 20            # input edges per random block

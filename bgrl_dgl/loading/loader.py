@@ -2,7 +2,7 @@
 
 A :class:`BatchLoader` yields :class:`SampledBatch` objects: for each batch of seed nodes, one
 (or, with independent views, two) stacks of DGL neighbour-sampled blocks converted to
-:class:`~bgrl_dgl.adjacency.Adjacency` tensors, plus the input features gathered from the
+:class:`~bgrl_dgl.model.adjacency.Adjacency` tensors, plus the input features gathered from the
 memory-mapped store. Sampling and gathering run in DataLoader worker processes (started with
 ``forkserver``: forking a process that already runs OpenMP and prefetch threads can deadlock),
 so they overlap with compute. Every batch is sampled from its own seed, derived from
@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .adjacency import Adjacency
-from .config import field, parse_size
-from .errors import InputError
-from .features import CachePolicy, FeatureCache, advise_random_reads, read_rows
-from .store import GraphStore, read_node_ids
+from bgrl_dgl.model.adjacency import Adjacency
+from bgrl_dgl.config import field, parse_size
+from bgrl_dgl.errors import InputError
+from bgrl_dgl.loading.feature_cache import CachePolicy, FeatureCache, advise_random_reads, read_rows
+from bgrl_dgl.store.reader import GraphStore, read_node_ids
 
 
 @dataclass
@@ -241,7 +241,7 @@ def _graph_degrees(store: GraphStore) -> tuple[torch.Tensor, torch.Tensor]:
 
 def gather_features(features: np.ndarray, nodes: torch.Tensor) -> torch.Tensor:
     """Rows ``nodes`` of the (memory-mapped) feature matrix, in its dtype: [len(nodes), F]
-    (see :func:`~bgrl_dgl.features.read_rows`)."""
+    (see :func:`~bgrl_dgl.loading.feature_cache.read_rows`)."""
     return torch.from_numpy(read_rows(features, nodes.numpy()))
 
 
@@ -295,7 +295,7 @@ class BatchLoader:
     :func:`rank_batch_positions`); rank ``r`` takes slice ``r`` of every global batch, so all
     ranks run the same number of steps and together cover each seed once per epoch.
     ``cache_dir``, when set, is the directory of the machine's
-    :class:`~bgrl_dgl.features.FeatureCache`, which every sampler attaches to.
+    :class:`~bgrl_dgl.loading.feature_cache.FeatureCache`, which every sampler attaches to.
     ``device_type`` is where the batches are consumed: for ``cuda``, features keep the
     store's dtype (half the bytes to copy; converted on the GPU) and batches from workers
     arrive in page-locked memory; otherwise the workers convert them to float32, overlapping

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import InputError, RunError
+from bgrl_dgl.errors import InputError, RunError
 
 # A collective that waits longer than this (a rank died or hangs) fails instead of blocking.
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)

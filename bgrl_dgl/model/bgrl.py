@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from .adjacency import Adjacency
-    from .augment import View
+    from bgrl_dgl.model.adjacency import Adjacency
+    from bgrl_dgl.model.augment import View
 
 
 def cosine_tau(step: int, total_steps: int, base: float) -> float:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .sources.splits import DEFAULT_FRACTIONS, SPLIT_NAMES, stratified_split
+from bgrl_dgl.splits import DEFAULT_FRACTIONS, SPLIT_NAMES, stratified_split
 
 # Per-sample loss + weight_decay / 2 * ||W||^2; 2^-15 (almost unregularised) .. 2^3 (close to
 # the majority-class predictor on standardised embeddings).

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from .config import field
+from bgrl_dgl.config import field
 
 if TYPE_CHECKING:
-    from .adjacency import Adjacency
+    from bgrl_dgl.model.adjacency import Adjacency
 
     # One augmented view: the sampled blocks (input layer first), their input features
     # [N, F] and an optional feature-column keep mask [F] bool (see augment_view).

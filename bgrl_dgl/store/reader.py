@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 import numpy as np
 
-from .errors import InputError
+from bgrl_dgl.errors import InputError
 
 if TYPE_CHECKING:
     import dgl

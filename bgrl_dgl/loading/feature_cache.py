@@ -59,13 +59,13 @@ import dgl
 import numpy as np
 import torch
 
-from .builder import process_alive
-from .errors import InputError
-from .store import NpyWriter
+from bgrl_dgl.store.writer import process_alive
+from bgrl_dgl.errors import InputError
+from bgrl_dgl.store.reader import NpyWriter
 
 if TYPE_CHECKING:
-    from .sampling import SamplingConfig
-    from .store import GraphStore
+    from bgrl_dgl.loading.loader import SamplingConfig
+    from bgrl_dgl.store.reader import GraphStore
 
 CachePolicy = Literal["degree", "sampled"]
 CACHE_PREFIX = "bgrl-dgl-cache-"
@@ -117,7 +117,7 @@ def count_sampled_inputs(graph: dgl.DGLGraph, fanouts: list[int], seed_nodes: np
     Each batch's seeds are drawn from ``seed_nodes`` at random (repeats dropped), so no
     permutation of a possibly huge seed array is needed.
     """
-    from .sampling import one_omp_thread  # sampling imports this module
+    from bgrl_dgl.loading.loader import one_omp_thread  # sampling imports this module
 
     # DGL 2.1.0's fused sampler corrupts the blocks of int32 graphs (see sampling.py).
     sampler = dgl.dataloading.NeighborSampler(list(fanouts), fused=False)

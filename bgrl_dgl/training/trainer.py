@@ -8,7 +8,7 @@ are drawn from seeds derived from (seed, step, rank), so ``--resume`` continues 
 a run stopped.
 
 Under ``torchrun`` every process runs a :class:`Trainer` on its share of each global batch
-(see :mod:`~bgrl_dgl.distributed`): DDP averages the gradients of the online encoder and
+(see :mod:`~bgrl_dgl.training.distributed`): DDP averages the gradients of the online encoder and
 predictor, every rank keeps an identical EMA target, and rank 0 alone writes the run's files.
 """
 from __future__ import annotations
@@ -30,19 +30,19 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from . import config as cfg
-from .augment import AugmentConfig, augment_view
-from .bgrl import BGRL, OnlineBranch, cosine_tau, embedding_std
-from .checkpoint import capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
-from .config import field
-from .distributed import (World, average_buffers, broadcast_object, check_target_in_sync,
+from bgrl_dgl import config as cfg
+from bgrl_dgl.model.augment import AugmentConfig, augment_view
+from bgrl_dgl.model.bgrl import BGRL, OnlineBranch, cosine_tau, embedding_std
+from bgrl_dgl.training.checkpoint import capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from bgrl_dgl.config import field
+from bgrl_dgl.training.distributed import (World, average_buffers, broadcast_object, check_target_in_sync,
                           gather_objects, process_device, process_group, sum_across_ranks,
                           world_from_env)
-from .errors import InputError
-from .features import check_cache_budget, training_cache
-from .model import Encoder, ModelConfig, Predictor
-from .sampling import BatchLoader, SampledBatch, SamplingConfig, resolve_seed_nodes
-from .store import GraphStore
+from bgrl_dgl.errors import InputError
+from bgrl_dgl.loading.feature_cache import check_cache_budget, training_cache
+from bgrl_dgl.model.encoder import Encoder, ModelConfig, Predictor
+from bgrl_dgl.loading.loader import BatchLoader, SampledBatch, SamplingConfig, resolve_seed_nodes
+from bgrl_dgl.store.reader import GraphStore
 
 
 @dataclass

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .adjacency import Adjacency
+from bgrl_dgl.model.adjacency import Adjacency
 
 if TYPE_CHECKING:
-    from .model import Encoder
-    from .store import GraphStore
+    from bgrl_dgl.model.encoder import Encoder
+    from bgrl_dgl.store.reader import GraphStore
 
 
 def layerwise_embeddings(encoder: Encoder, graph_indptr: np.ndarray, graph_indices: np.ndarray,

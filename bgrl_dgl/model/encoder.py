@@ -2,7 +2,7 @@
 
 Every convolution maps ``(adj, x [num_src, in]) -> [num_dst, out]`` with the semantics of its
 ``dgl.nn`` counterpart (``SAGEConv('mean')``, ``GraphConv(norm='both')``, ``GATConv``) but
-aggregates with :mod:`bgrl_dgl.adjacency`, so the same model runs on CPU and CUDA although
+aggregates with :mod:`bgrl_dgl.model.adjacency`, so the same model runs on CPU and CUDA although
 the installed DGL has no CUDA kernels.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adjacency import Adjacency, segment_softmax, weighted_sum
-from .config import field
+from bgrl_dgl.model.adjacency import Adjacency, segment_softmax, weighted_sum
+from bgrl_dgl.config import field
 
 
 @dataclass

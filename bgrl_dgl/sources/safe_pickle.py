@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from .errors import InputError
+from bgrl_dgl.errors import InputError
 
 
 def _numpy_globals(module: str) -> dict[tuple[str, str], Any]:

@@ -33,8 +33,8 @@ import numpy as np
 # kernels underneath group, sort and merge in place, and carry an arbitrary payload.
 from scipy.sparse import _sparsetools
 
-from .errors import InputError
-from .store import INT32_LIMIT, SCAN_CHUNK, NpyWriter
+from bgrl_dgl.errors import InputError
+from bgrl_dgl.store.reader import INT32_LIMIT, SCAN_CHUNK, NpyWriter
 
 EdgeChunks = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
 SelfLoops = Literal["keep", "remove", "add"]

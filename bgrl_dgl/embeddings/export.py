@@ -53,18 +53,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from . import config as cfg
-from .builder import process_alive
-from .checkpoint import latest_checkpoint, load_checkpoint
-from .distributed import World, process_device
-from .errors import InputError
-from .evaluate import ProbeSummary, linear_probe, random_split_probe, summarize
-from .inference import embed_store
-from .model import Encoder
-from .sampling import NeighborBatchSampler, batch_rng_seed
-from .sources.splits import SPLIT_NAMES
-from .store import GraphStore, read_node_ids
-from .train import TrainConfig, build_model, load_encoder, load_run_config
+from bgrl_dgl import config as cfg
+from bgrl_dgl.store.writer import process_alive
+from bgrl_dgl.training.checkpoint import latest_checkpoint, load_checkpoint
+from bgrl_dgl.training.distributed import World, process_device
+from bgrl_dgl.errors import InputError
+from bgrl_dgl.embeddings.probe import ProbeSummary, linear_probe, random_split_probe, summarize
+from bgrl_dgl.embeddings.layerwise import embed_store
+from bgrl_dgl.model.encoder import Encoder
+from bgrl_dgl.loading.loader import NeighborBatchSampler, batch_rng_seed
+from bgrl_dgl.splits import SPLIT_NAMES
+from bgrl_dgl.store.reader import GraphStore, read_node_ids
+from bgrl_dgl.training.trainer import TrainConfig, build_model, load_encoder, load_run_config
 
 FORMAT = "bgrl-dgl-embeddings/1"
 INPUTS_FILE = "_inputs.json"

@@ -18,9 +18,9 @@ from typing import Any, Iterable, Literal
 
 import numpy as np
 
-from .csc import EdgeChunks, build_csc
-from .errors import InputError
-from .store import (FORMAT_VERSION, INT32_LIMIT, META_FILE, SPLIT_NAME, GraphStore, NpyWriter,
+from bgrl_dgl.store.csc import EdgeChunks, build_csc
+from bgrl_dgl.errors import InputError
+from bgrl_dgl.store.reader import (FORMAT_VERSION, INT32_LIMIT, META_FILE, SPLIT_NAME, GraphStore, NpyWriter,
                     save_array, split_array_name)
 
 PID_FILE = "writer.pid"
