@@ -6,8 +6,6 @@ import json
 import sys
 from typing import Callable, Sequence
 
-import numpy as np
-
 from bgrl_dgl import config as cfg
 from bgrl_dgl.errors import InputError, RunError
 
@@ -83,7 +81,7 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def add_train_parser(commands: argparse._SubParsersAction) -> None:
-    from bgrl_dgl.training.trainer import TrainConfig
+    from bgrl_dgl.training.config import TrainConfig
 
     train = commands.add_parser(
         "train", help="train BGRL on a store",
@@ -102,10 +100,11 @@ def load_train_config(args: argparse.Namespace):
     """Defaults <- saved run config (when resuming) <- --config YAML <- flags."""
     from pathlib import Path
 
-    from bgrl_dgl.training.trainer import TrainConfig
+    from bgrl_dgl.runs import CONFIG_FILE
+    from bgrl_dgl.training.config import TrainConfig
 
     data: dict = {}
-    saved = Path(args.out) / "config.yaml"
+    saved = Path(args.out) / CONFIG_FILE
     if args.resume and saved.exists():
         data = cfg.load_yaml(saved)
     if args.config:
@@ -122,45 +121,6 @@ def run_train(args: argparse.Namespace) -> int:
     metrics = train(args.data, args.out, load_train_config(args), resume=args.resume, world=world)
     if metrics and world.is_main:
         print(f"trained to step {int(metrics['step'])}: loss {metrics['loss']:.4f}; run in {args.out}")
-    return 0
-
-
-def add_probe_parser(commands: argparse._SubParsersAction) -> None:
-    probe = commands.add_parser(
-        "probe", help="linear probe of a run's encoder on the store's labels",
-        description="Embed every node with a run's encoder (exact layer-wise inference) and "
-                    "fit a linear probe on the store's splits, or on random stratified splits.")
-    probe.add_argument("--run", required=True, help="run directory (from `train`)")
-    probe.add_argument("--data", help="store directory (default: the run's)")
-    probe.add_argument("--encoder", choices=["online", "target", "random"], default="online",
-                       help="which encoder embeds; random = the untrained initial weights")
-    probe.add_argument("--splits", choices=["store", "random"], default="store",
-                       help="the store's train/valid/test splits, or random 10/10/80 ones")
-    probe.add_argument("--num-splits", type=int, default=5, help="random splits to average")
-    probe.add_argument("--json", action="store_true", help="print one JSON object")
-    probe.set_defaults(handler=run_probe)
-
-
-def run_probe(args: argparse.Namespace) -> int:
-    from bgrl_dgl.embeddings.probe import linear_probe, random_split_probe, summarize
-    from bgrl_dgl.embeddings.layerwise import embed_store
-    from bgrl_dgl.store.reader import GraphStore
-    from bgrl_dgl.training.trainer import load_encoder, load_run_config
-
-    store = GraphStore.open(args.data or load_run_config(args.run)[1]["data"])
-    if store.labels is None:
-        raise InputError(store.path, "has no labels to probe with")
-    embeddings = embed_store(load_encoder(args.run, args.encoder), store)
-    labels = np.asarray(store.labels)
-    if args.splits == "random":
-        summary = random_split_probe(embeddings, labels, args.num_splits)
-    else:
-        summary = summarize([linear_probe(
-            embeddings, labels, {name: store.split(name) for name in ("train", "valid", "test")})])
-    result = {"encoder": args.encoder, "splits": args.splits, "test_acc_mean": summary.test_mean,
-              "test_acc_std": summary.test_std, "val_acc_mean": summary.val_mean,
-              "num_splits": len(summary.results)}
-    print(json.dumps(result) if args.json else f"{args.encoder} encoder: {summary}")
     return 0
 
 
@@ -208,8 +168,8 @@ def add_embed_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_embed(args: argparse.Namespace) -> int:
-    from bgrl_dgl.training.distributed import world_from_env
     from bgrl_dgl.embeddings.export import InferenceOptions, export_embeddings
+    from bgrl_dgl.training.distributed import world_from_env
 
     result = export_embeddings(
         args.out, run=args.run, checkpoint=args.checkpoint, data=args.data, encoder=args.encoder,
@@ -223,30 +183,42 @@ def run_embed(args: argparse.Namespace) -> int:
 
 def add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser(
-        "evaluate", help="linear probe of exported embeddings",
-        description="Fit the BGRL linear probe on embeddings exported by `embed`, reading only "
-                    "the labelled nodes' rows.")
-    evaluate.add_argument("--embeddings", required=True, help="export directory (from `embed`)")
-    evaluate.add_argument("--data", help="store directory (default: the export's)")
+        "evaluate", help="linear probe of exported embeddings or of a run's encoder",
+        description="Fit the BGRL linear probe on the store's labels, reading only the "
+                    "labelled nodes' rows: of embeddings exported by `embed` (--embeddings), "
+                    "or of a run's encoder, embedded in memory by exact layer-wise inference "
+                    "(--run without --embeddings). With --run the result is also appended to "
+                    "RUN/evaluations.jsonl.")
+    evaluate.add_argument("--embeddings", help="export directory (from `embed`)")
+    evaluate.add_argument("--run", help="run directory: the encoder to probe (without "
+                                        "--embeddings) and where the result is recorded")
+    evaluate.add_argument("--encoder", choices=["online", "target", "random"], default="online",
+                          help="with --run alone: which encoder embeds; random = the untrained "
+                               "initial weights (default: online)")
+    evaluate.add_argument("--data", help="store directory (default: the export's or run's)")
     evaluate.add_argument("--splits", choices=["public", "random"], default="public",
                           help="the store's train/valid/test splits, or random stratified "
                                "10/10/80 ones (default: public)")
     evaluate.add_argument("--num-splits", type=int, default=20,
                           help="random splits to average (default: 20)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the random splits (default: 0)")
-    evaluate.add_argument("--run", help="also append the result to RUN/evaluations.jsonl")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(handler=run_evaluate)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from bgrl_dgl.embeddings.export import evaluate_export
-    from bgrl_dgl.report import append_evaluation, check_run_dir
+    from bgrl_dgl.embeddings.evaluate import evaluate_export, evaluate_run
+    from bgrl_dgl.runs import append_evaluation, check_run_dir
 
+    if args.embeddings is None and args.run is None:
+        raise InputError(None, "give --embeddings (an export) or --run (a run's encoder)")
+    options = {"splits": args.splits, "num_splits": args.num_splits, "seed": args.seed}
     if args.run is not None:
         check_run_dir(args.run)
-    result = evaluate_export(args.embeddings, args.data, splits=args.splits,
-                             num_splits=args.num_splits, seed=args.seed)
+    if args.embeddings is not None:
+        result = evaluate_export(args.embeddings, args.data, **options)
+    else:
+        result = evaluate_run(args.run, args.data, encoder=args.encoder, **options)
     if args.run is not None:
         append_evaluation(args.run, result)
     if args.json:
@@ -287,7 +259,6 @@ PARSER_BUILDERS: dict[str, Callable[..., None]] = {
     "prepare": add_prepare_parser,
     "info": add_info_parser,
     "train": add_train_parser,
-    "probe": add_probe_parser,
     "embed": add_embed_parser,
     "evaluate": add_evaluate_parser,
     "report": add_report_parser,

@@ -8,54 +8,15 @@ step, encoder, splits and accuracies). The plot needs matplotlib, an optional ex
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bgrl_dgl.errors import InputError
+from bgrl_dgl.runs import EVALUATIONS_FILE, METRICS_FILE, check_run_dir, read_jsonl
 
-METRICS_FILE = "metrics.jsonl"
-EVALUATIONS_FILE = "evaluations.jsonl"
 INSTALL_PLOT = "pip install 'bgrl-dgl[plot]'"
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of the non-empty lines of ``path``."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise InputError(path, "not found") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(path, f"unreadable ({err})") from None
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(path, f"line {number} is not valid JSON ({err})") from None
-        if not isinstance(record, dict):
-            raise InputError(path, f"line {number} is not a JSON object")
-        records.append(record)
-    return records
-
-
-def check_run_dir(run_dir: str | os.PathLike) -> Path:
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise InputError(run_dir, "not a run directory (no config.yaml)")
-    return run_dir
-
-
-def append_evaluation(run_dir: str | os.PathLike, record: dict[str, Any]) -> Path:
-    """Append one probe result to ``RUN/evaluations.jsonl`` (a single write of one line)."""
-    path = check_run_dir(run_dir) / EVALUATIONS_FILE
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
-    return path
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,12 @@ import numpy as np
 
 import bgrl_dgl  # noqa: F401  (sets the DGL backend)
 from bgrl_dgl.cli import main as cli_main
-from bgrl_dgl.embeddings.probe import linear_probe, random_split_probe
 from bgrl_dgl.embeddings.layerwise import embed_store
+from bgrl_dgl.embeddings.probe import linear_probe, random_split_probe
+from bgrl_dgl.runs import load_encoder
 from bgrl_dgl.store.reader import GraphStore
-from bgrl_dgl.training.trainer import TrainConfig, load_encoder, train
+from bgrl_dgl.training.config import TrainConfig
+from bgrl_dgl.training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 CORA = REPO.parent / "shared" / "data" / "cora"
@@ -61,9 +63,9 @@ def main() -> None:
             run_dir = Path(tmp) / f"run-{seed}"
             start = time.perf_counter()
             train(store_dir, run_dir, config)
-            public_acc, random_acc = probe(store, load_encoder(run_dir, "online"), args.random_splits, seed)
+            public_acc, random_acc = probe(store, load_encoder(run_dir, which="online").encoder, args.random_splits, seed)
             walls.append(time.perf_counter() - start)
-            base_acc, _ = probe(store, load_encoder(run_dir, "random"), 1, seed)
+            base_acc, _ = probe(store, load_encoder(run_dir, which="random").encoder, 1, seed)
             public.append(public_acc)
             random.append(random_acc)
             baseline.append(base_acc)

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from benchlib import DATA, REPO, benchmark_store
 
 

@@ -47,18 +47,18 @@ from typing import Callable
 import dgl
 import torch
 import torch.nn.functional as F
+from benchlib import DATA, size_label, synthetic_store
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 import bgrl_dgl  # noqa: F401  (sets the DGL backend)
 from bgrl_dgl import config as cfg
-from bgrl_dgl.model.adjacency import Adjacency
 from bgrl_dgl.loading.loader import BatchLoader, SampledBatch
+from bgrl_dgl.model.adjacency import Adjacency
 from bgrl_dgl.store.reader import GraphStore
-from bgrl_dgl.training.trainer import TrainConfig, Trainer
-
-from benchlib import DATA, size_label, synthetic_store
+from bgrl_dgl.training.config import TrainConfig
+from bgrl_dgl.training.trainer import Trainer
 
 # Generator parameters of the store, checked before an existing store is reused.
 STORE_PARAMS = ("num_nodes", "avg_degree", "feat_dim", "num_classes", "feature_dtype", "seed")

@@ -64,8 +64,8 @@ def write_test_store(out: Path, num_nodes: int, src: np.ndarray, dst: np.ndarray
                      splits: dict[str, np.ndarray] | None = None):
     """A committed store of the directed edges ``src -> dst`` (self loops removed, deduplicated)
     with ``features`` [num_nodes, F] and optional labels and splits; returns it opened."""
-    from bgrl_dgl.store.writer import StoreWriter
     from bgrl_dgl.store.reader import GraphStore
+    from bgrl_dgl.store.writer import StoreWriter
 
     with StoreWriter(out, feature_dtype=feature_dtype) as writer:
         writer.write_topology(num_nodes, lambda: iter([(src, dst)]), source_path="edges",

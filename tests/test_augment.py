@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from bgrl_dgl.model.adjacency import Adjacency
-from bgrl_dgl.model.augment import AugmentConfig, augment_view, drop_edges, feature_keep, mask_features
+from bgrl_dgl.model.augment import (
+    AugmentConfig,
+    augment_view,
+    drop_edges,
+    feature_keep,
+    mask_features,
+)
 
 
 def random_adjacency(num_src: int, num_dst: int, num_edges: int, seed: int = 0) -> Adjacency:

@@ -9,10 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from bgrl_dgl.training.checkpoint import (
-    capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint,
-)
 from bgrl_dgl.errors import InputError
+from bgrl_dgl.training.checkpoint import (
+    capture_rng,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 
 
 class NotPlainData:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from bgrl_dgl.store.csc import BatchSizes, build_csc, prefetched, rebatch
 from bgrl_dgl.errors import InputError
+from bgrl_dgl.store.csc import BatchSizes, build_csc, prefetched, rebatch
 
 SOURCE = "edges.csv"
 

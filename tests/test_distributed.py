@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from bgrl_dgl.training.distributed import World, world_from_env
-from bgrl_dgl.training.trainer import OptimConfig, compute_threads
-
 from conftest import PLANTED_NODES, REPO
+
+from bgrl_dgl.training.config import OptimConfig
+from bgrl_dgl.training.distributed import World, world_from_env
+from bgrl_dgl.training.host import compute_threads
 
 NUM_NODES, BATCH_SIZE, STEPS = PLANTED_NODES, 64, 12
 STEPS_PER_EPOCH = -(-NUM_NODES // (2 * BATCH_SIZE))  # global batch of two processes

@@ -7,7 +7,11 @@ import pytest
 import torch
 
 from bgrl_dgl.embeddings.probe import (
-    DEFAULT_WEIGHT_DECAYS, ProbeResult, linear_probe, random_split_probe, summarize,
+    DEFAULT_WEIGHT_DECAYS,
+    ProbeResult,
+    linear_probe,
+    random_split_probe,
+    summarize,
 )
 from bgrl_dgl.splits import stratified_split
 

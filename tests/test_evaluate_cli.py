@@ -6,10 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from bgrl_dgl.cli import main
 from conftest import assert_input_error
 from test_export import cli, run_dir, store_dir  # noqa: F401  (fixtures)
+
+from bgrl_dgl.cli import main
 
 PROBE_KEYS = {"test_acc_mean", "test_acc_std", "val_acc_mean", "num_splits"}
 

@@ -14,15 +14,15 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import assert_input_error
 
-from bgrl_dgl.store.writer import StoreWriter
-from bgrl_dgl.training.checkpoint import latest_checkpoint
 from bgrl_dgl.cli import main
 from bgrl_dgl.embeddings.layerwise import embed_store
 from bgrl_dgl.model.encoder import Encoder, ModelConfig
+from bgrl_dgl.runs import load_encoder
 from bgrl_dgl.store.reader import GraphStore
-from bgrl_dgl.training.trainer import load_encoder
-from conftest import assert_input_error
+from bgrl_dgl.store.writer import StoreWriter
+from bgrl_dgl.training.checkpoint import latest_checkpoint
 
 NUM_NODES = 600
 FEAT_DIM = 16
@@ -52,7 +52,7 @@ def run_dir(store_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(run_dir, store_dir) -> np.ndarray:
     """The online encoder's exact embeddings of every node: [N, DIM] float32."""
-    return embed_store(load_encoder(run_dir, "online"), GraphStore.open(store_dir))
+    return embed_store(load_encoder(run_dir, which="online").encoder, GraphStore.open(store_dir))
 
 
 @pytest.fixture
@@ -136,7 +136,7 @@ def test_float16_export(cli, run_dir, reference, tmp_path):
 def test_random_encoder_is_the_initial_weights(cli, run_dir, store_dir, tmp_path):
     out = tmp_path / "random"
     assert cli("embed", "--run", run_dir, "--out", out, "--encoder", "random").returncode == 0
-    expected = embed_store(load_encoder(run_dir, "random"), GraphStore.open(store_dir))
+    expected = embed_store(load_encoder(run_dir, which="random").encoder, GraphStore.open(store_dir))
     np.testing.assert_allclose(read_export(out)[1], expected, rtol=0, atol=1e-6)
     assert json.loads((out / "_manifest.json").read_text())["checkpoint"] is None
 
@@ -158,7 +158,7 @@ def test_original_ids_of_a_parquet_store_are_carried(cli, run_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     node_id, values = read_export(out)
     np.testing.assert_array_equal(node_id, np.sort(orig))
-    expected = embed_store(load_encoder(run_dir, "online"), store)
+    expected = embed_store(load_encoder(run_dir, which="online").encoder, store)
     index = np.argsort(np.asarray(store.orig_ids))  # store index of each id in sorted order
     np.testing.assert_allclose(values, expected[index], rtol=0, atol=1e-6)
 

@@ -10,17 +10,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, assert_input_error, write_test_store
 
 from bgrl_dgl.cli import main
-from bgrl_dgl.loading import feature_cache as features
 from bgrl_dgl.errors import InputError
+from bgrl_dgl.loading import feature_cache as features
 from bgrl_dgl.loading.feature_cache import (
-    FeatureCache, cache_directory, count_sampled_inputs, default_cache_root, hot_nodes,
+    FeatureCache,
+    cache_directory,
+    count_sampled_inputs,
+    default_cache_root,
+    hot_nodes,
     read_rows,
 )
 from bgrl_dgl.loading.loader import NeighborBatchSampler, SamplingConfig
 from bgrl_dgl.store.reader import GraphStore
-from conftest import REPO, assert_input_error, write_test_store
 
 NUM_NODES, FEAT_DIM = 300, 8
 ROW_BYTES = FEAT_DIM * 4  # float32 rows

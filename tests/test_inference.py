@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from bgrl_dgl.model.adjacency import Adjacency
-from bgrl_dgl.store.writer import StoreWriter
 from bgrl_dgl.embeddings.layerwise import embed_store, layerwise_embeddings
+from bgrl_dgl.model.adjacency import Adjacency
 from bgrl_dgl.model.encoder import Encoder, ModelConfig
 from bgrl_dgl.store.reader import GraphStore
+from bgrl_dgl.store.writer import StoreWriter
 
 NUM_NODES = 53
 IN_DIM = 10

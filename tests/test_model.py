@@ -9,8 +9,13 @@ import pytest
 import torch
 
 # bgrl_dgl first: it selects DGL's PyTorch backend and stops ogb/dgl asking PyPI for updates.
-from bgrl_dgl.model.adjacency import (Adjacency, gathered_weighted_sum, segment_softmax, segment_sum,
-                                weighted_sum)
+from bgrl_dgl.model.adjacency import (
+    Adjacency,
+    gathered_weighted_sum,
+    segment_softmax,
+    segment_sum,
+    weighted_sum,
+)
 from bgrl_dgl.model.augment import mask_features
 from bgrl_dgl.model.encoder import Encoder, GATConv, GCNConv, ModelConfig, Predictor, SAGEConv
 

@@ -9,14 +9,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_test_store
 
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.loading.loader import (
-    BatchLoader, NeighborBatchSampler, SampledBatch, SampledView, SamplingConfig,
-    batch_rng_seed, epoch_permutation, resolve_seed_nodes,
+    BatchLoader,
+    NeighborBatchSampler,
+    SampledBatch,
+    SampledView,
+    SamplingConfig,
+    batch_rng_seed,
+    epoch_permutation,
+    resolve_seed_nodes,
 )
 from bgrl_dgl.store.reader import GraphStore
-from conftest import write_test_store
 
 NUM_NODES, FEAT_DIM = 150, 6
 MAX_IN_DEGREE = 13  # node v has v % MAX_IN_DEGREE in-neighbours: 0 .. 12

@@ -7,14 +7,18 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import assert_input_error
+from ogb_fixtures import MAG_RELATIONS, TinyMag, mag240m_dataset, undirected_csc
 
 from bgrl_dgl.cli import main
 from bgrl_dgl.errors import InputError
-from bgrl_dgl.sources.mag240m import (BLOCK_CHUNK_SHARES, LocalMAG240MDataset,
-                                      paper_features, typed_feature_chunks)
+from bgrl_dgl.sources.mag240m import (
+    BLOCK_CHUNK_SHARES,
+    LocalMAG240MDataset,
+    paper_features,
+    typed_feature_chunks,
+)
 from bgrl_dgl.store.reader import GraphStore
-from conftest import assert_input_error
-from ogb_fixtures import MAG_RELATIONS, TinyMag, mag240m_dataset, undirected_csc
 
 
 @pytest.fixture(autouse=True)

@@ -8,14 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_input_error
+from ogb_fixtures import (
+    OGBN_SPLIT_TYPE,
+    ogbn_binary_dataset,
+    ogbn_csv_dataset,
+    tiny_graph,
+    undirected_csc,
+)
 
 from bgrl_dgl.cli import main
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.sources.ogb import NpzMember, load_torch_file, ogbn_dataset, read_splits
 from bgrl_dgl.store.reader import GraphStore
-from conftest import assert_input_error
-from ogb_fixtures import (OGBN_SPLIT_TYPE, ogbn_binary_dataset, ogbn_csv_dataset, tiny_graph,
-                          undirected_csc)
 
 
 @pytest.fixture(autouse=True)

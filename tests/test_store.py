@@ -13,12 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, assert_input_error
 
-from bgrl_dgl.store.writer import StoreWriter
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.store.reader import GraphStore, NpyWriter
-
-from conftest import REPO, assert_input_error
+from bgrl_dgl.store.writer import StoreWriter
 
 NUM_NODES = 60
 NUM_CLASSES = 4

@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import PLANTED_NODES, REPO, assert_input_error
 
 from bgrl_dgl import config as cfg
-from bgrl_dgl.model.bgrl import cosine_tau
-from bgrl_dgl.training.checkpoint import list_checkpoints
 from bgrl_dgl.cli import main
-from bgrl_dgl.training.trainer import TrainConfig, build_model, load_encoder, lr_factor
-from conftest import PLANTED_NODES, REPO, assert_input_error
+from bgrl_dgl.model.bgrl import build_model, cosine_tau
+from bgrl_dgl.runs import load_encoder
+from bgrl_dgl.training.checkpoint import list_checkpoints
+from bgrl_dgl.training.config import TrainConfig, lr_factor
 
 NUM_NODES, BATCH_SIZE = PLANTED_NODES, 64
 STEPS_PER_EPOCH = 10  # ceil(600 / 64)
@@ -163,7 +164,7 @@ def test_config_yaml_holds_flags_over_config_file_over_defaults(store_dir, tmp_p
 
 # ---- encoders and the probe ----------------------------------------------------------------
 def encoder_weights(run: Path, which: str) -> dict[str, torch.Tensor]:
-    return load_encoder(run, which).state_dict()
+    return load_encoder(run, which=which).encoder.state_dict()
 
 
 def test_online_target_and_random_encoders(reference_run) -> None:
@@ -174,11 +175,11 @@ def test_online_target_and_random_encoders(reference_run) -> None:
     config = TrainConfig.from_plain(yaml.safe_load((reference_run / "config.yaml").read_text()))
     initial = build_model(16, config.model, config.run.seed).online.state_dict()
     assert all(torch.equal(random[k], initial[k]) for k in initial)
-    assert not load_encoder(reference_run, "online").training
+    assert not load_encoder(reference_run, which="online").encoder.training
 
 
-def test_probe_prints_one_json_object(reference_run, capsys) -> None:
-    assert main(["probe", "--run", str(reference_run), "--json"]) == 0
+def test_evaluate_run_prints_one_json_object(reference_run, capsys) -> None:
+    assert main(["evaluate", "--run", str(reference_run), "--json"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
     result = json.loads(lines[0])
@@ -186,7 +187,7 @@ def test_probe_prints_one_json_object(reference_run, capsys) -> None:
     assert 0.25 < result["test_acc_mean"] <= 1.0
 
 
-def test_probe_of_the_random_encoder_ignores_training(store_dir, reference_run, tmp_path,
+def test_evaluate_run_of_the_random_encoder_ignores_training(store_dir, reference_run, tmp_path,
                                                       capsys) -> None:
     """The random encoder is the initial one: a run of one step probes exactly the same."""
     short = tmp_path / "short"
@@ -194,7 +195,7 @@ def test_probe_of_the_random_encoder_ignores_training(store_dir, reference_run, 
     capsys.readouterr()
     results = []
     for run in (reference_run, short):
-        assert main(["probe", "--run", str(run), "--json", "--encoder", "random"]) == 0
+        assert main(["evaluate", "--run", str(run), "--json", "--encoder", "random"]) == 0
         results.append(json.loads(capsys.readouterr().out))
     assert results[0] == results[1]
     assert results[0]["encoder"] == "random" and 0.0 <= results[0]["test_acc_mean"] <= 1.0
@@ -285,7 +286,7 @@ def test_resume_of_a_finished_run_trains_no_further(store_dir, reference_run, tm
 FAULTS_PER_STEP = """
 import resource
 import torch
-from bgrl_dgl.training.trainer import keep_freed_host_memory
+from bgrl_dgl.training.host import keep_freed_host_memory
 print(keep_freed_host_memory())
 def step():  # activations of several sizes alive together, then freed, as in a training step
     held = [torch.ones(rows, 1024) for rows in (3000, 1000, 2500, 500, 2000)]

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from bgrl_dgl.training import trainer as train_module
 from bgrl_dgl.cli import main
+from bgrl_dgl.training import trainer as train_module
 
 RANK = int(os.environ.get("RANK", "0"))
 RECORDS = Path(os.environ["BGRL_TEST_DIR"])

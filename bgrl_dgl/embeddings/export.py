@@ -41,7 +41,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -54,17 +53,21 @@ import pyarrow.parquet as pq
 import torch
 
 from bgrl_dgl import config as cfg
-from bgrl_dgl.store.writer import process_alive
-from bgrl_dgl.training.checkpoint import latest_checkpoint, load_checkpoint
-from bgrl_dgl.training.distributed import World, process_device
-from bgrl_dgl.errors import InputError
-from bgrl_dgl.embeddings.probe import ProbeSummary, linear_probe, random_split_probe, summarize
 from bgrl_dgl.embeddings.layerwise import embed_store
-from bgrl_dgl.model.encoder import Encoder
+from bgrl_dgl.errors import InputError
+from bgrl_dgl.io import (
+    TEMP_NAME,
+    file_sha256,
+    read_json,
+    remove_stale_temp_files,
+    temp_prefix,
+    write_atomic,
+)
 from bgrl_dgl.loading.loader import NeighborBatchSampler, batch_rng_seed
-from bgrl_dgl.splits import SPLIT_NAMES
+from bgrl_dgl.model.encoder import Encoder
+from bgrl_dgl.runs import RunEncoder, load_encoder
 from bgrl_dgl.store.reader import GraphStore, read_node_ids
-from bgrl_dgl.training.trainer import TrainConfig, build_model, load_encoder, load_run_config
+from bgrl_dgl.training.distributed import World, process_device
 
 FORMAT = "bgrl-dgl-embeddings/1"
 INPUTS_FILE = "_inputs.json"
@@ -73,76 +76,11 @@ SUCCESS_FILE = "_SUCCESS"
 PART_NAME = re.compile(r"part-(\d{5,})\.parquet")
 ROW_GROUP_BYTES = 64 << 20
 ROW_GROUPS_PER_PART = 4
-ENCODERS = ("online", "target", "random")
 DTYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
-# Temporary files and scratch directories in OUT: ".tmp-<pid>@<host>@<name>", removed by a
-# later run once <pid> on this host is gone.
-TEMP_NAME = re.compile(r"\.tmp-(\d+)@([^@]+)@.*")
 
 
 def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-# ---- the encoder ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ExportEncoder:
-    """An encoder to export with, and where it came from."""
-
-    encoder: Encoder
-    config: dict[str, Any]              # the training configuration
-    checkpoint: dict[str, Any] | None   # {"path", "sha256", "step"}; None: initial weights
-    data: Path | None                   # the run's store
-
-
-def load_export_encoder(run: str | os.PathLike | None, checkpoint: str | os.PathLike | None,
-                        which: Literal["online", "target", "random"]) -> ExportEncoder:
-    """The ``which`` encoder of a run (its newest checkpoint) or of a checkpoint file.
-
-    ``random`` is the encoder as initialised before training (no weights are loaded).
-    """
-    if (run is None) == (checkpoint is None):
-        raise InputError(None, "give exactly one of --run and --checkpoint")
-    if which not in ENCODERS:
-        raise InputError(None, f"--encoder must be one of {', '.join(ENCODERS)}, got {which!r}")
-    data = None
-    if run is not None:
-        run = Path(run)
-        if not (run / "config.yaml").is_file():
-            raise InputError(run, "not a run directory (no config.yaml)")
-        config, info = load_run_config(run)
-        data = Path(info["data"])
-        if which == "random":
-            return ExportEncoder(load_encoder(run, "random"), cfg.to_dict(config), None, data)
-        checkpoint = latest_checkpoint(run)
-        if checkpoint is None:
-            raise InputError(run, "holds no checkpoint")
-    checkpoint = Path(checkpoint)
-    state = load_checkpoint(checkpoint)
-    missing = [key for key in ("config", "feat_dim", "model", "step") if key not in state]
-    if missing:
-        raise InputError(checkpoint, f"not a training checkpoint (lacks {', '.join(missing)})")
-    config = TrainConfig.from_plain(state["config"], str(checkpoint))
-    model = build_model(int(state["feat_dim"]), config.model, config.run.seed)
-    source = None
-    if which != "random":
-        try:
-            model.load_state_dict(state["model"])
-        except (RuntimeError, KeyError) as err:
-            raise InputError(checkpoint, "weights do not fit the model of its configuration "
-                             f"({str(err).splitlines()[0]})") from None
-        source = {"path": str(checkpoint.resolve()), "sha256": file_sha256(checkpoint),
-                  "step": int(state["step"])}
-    encoder = model.target if which == "target" else model.online
-    return ExportEncoder(encoder.eval(), cfg.to_dict(config), source, data)
 
 
 # ---- what is exported ----------------------------------------------------------------------
@@ -194,7 +132,7 @@ def embedding_schema(dim: int, dtype: str, node_types: bool) -> pa.Schema:
     return pa.schema(fields)
 
 
-def export_inputs(store: GraphStore, source: ExportEncoder, which: str, dtype: str,
+def export_inputs(store: GraphStore, source: RunEncoder, which: str, dtype: str,
                   nodes: np.ndarray | None, fanouts: list[int] | None, seed: int,
                   layout: PartLayout, run: Path | None) -> dict[str, Any]:
     """The JSON description of an export: equal for two runs iff they write the same parts."""
@@ -217,49 +155,9 @@ def export_inputs(store: GraphStore, source: ExportEncoder, which: str, dtype: s
                       else {"mode": "sampled", "fanouts": list(fanouts), "seed": seed}),
         "rows_per_part": layout.rows_per_part,
         "row_group_rows": layout.row_group_rows,
-        "config": source.config,
+        "config": cfg.to_dict(source.config),
     }
     return json.loads(json.dumps(inputs))
-
-
-# ---- the output directory ------------------------------------------------------------------
-def temp_prefix() -> str:
-    return f".tmp-{os.getpid()}@{socket.gethostname()}@"
-
-
-def remove_stale_temp_files(out: Path) -> None:
-    """Delete temp files and scratch directories left in ``out`` by dead processes of this host."""
-    host = socket.gethostname()
-    for entry in out.iterdir():
-        match = TEMP_NAME.fullmatch(entry.name)
-        if match and match.group(2) == host and not process_alive(int(match.group(1))):
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """``text`` to ``path`` via a temp file in the same directory, flushed and renamed."""
-    tmp = path.with_name(temp_prefix() + path.name)
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(path, "not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(path, f"unreadable ({err})") from None
 
 
 def clear_export(out: Path) -> None:
@@ -477,7 +375,7 @@ def export_embeddings(out: str | os.PathLike, *, run: str | os.PathLike | None =
     out = Path(out)
     if scratch_dir is not None and not Path(scratch_dir).is_dir():
         raise InputError(scratch_dir, "no such scratch directory")
-    source = load_export_encoder(run, checkpoint, encoder)
+    source = load_encoder(run, checkpoint, encoder)
     if data is None and source.data is None:
         raise InputError(None, "--data is required with --checkpoint")
     store = GraphStore.open(data if data is not None else source.data)
@@ -507,7 +405,7 @@ def export_embeddings(out: str | os.PathLike, *, run: str | os.PathLike | None =
             rows = np.memmap(scratch / "embeddings", dtype=DTYPES[dtype][0], mode="w+",
                              shape=(num_rows, dim))
             compute_parts(source.encoder, store, layout, missing, rows, options, scratch,
-                          bool(source.config["sampling"]["graph_degrees"]), device)
+                          source.config.sampling.graph_degrees, device)
             offset = 0
             for part in missing:
                 part_nodes = layout.node_ids(part)
@@ -600,53 +498,3 @@ def read_embeddings(out: str | os.PathLike, manifest: dict[str, Any], store: Gra
     return result
 
 
-def evaluate_export(out: str | os.PathLike, data: str | os.PathLike | None = None, *,
-                    splits: Literal["public", "random"] = "public", num_splits: int = 20,
-                    seed: int = 0) -> dict[str, Any]:
-    """Linear probe (BGRL protocol) of the embeddings in the export ``out`` on the labels of
-    its store (or ``data``): the store's train/valid/test splits (``public``) or
-    ``num_splits`` random stratified 10/10/80 splits. Returns a JSON-ready summary."""
-    manifest = open_export(out)
-    store = GraphStore.open(data if data is not None else manifest["data"]["path"])
-    if store.labels is None:
-        raise InputError(store.path, "has no labels to evaluate with")
-    labels = np.asarray(store.labels)
-    labelled = labels >= 0
-    if splits == "public":
-        split_ids = {name: np.asarray(store.split(name), dtype=np.int64) for name in SPLIT_NAMES}
-        split_ids = {name: ids[labelled[ids]] for name, ids in split_ids.items()}
-        nodes = np.unique(np.concatenate(list(split_ids.values())))
-    elif splits == "random":
-        if num_splits < 1:
-            raise InputError(None, f"--num-splits must be positive, got {num_splits}")
-        nodes = np.flatnonzero(labelled)
-    else:
-        raise InputError(None, f"--splits must be public or random, got {splits!r}")
-    embeddings = read_embeddings(out, manifest, store, nodes)
-    try:
-        if splits == "public":
-            local = {name: np.searchsorted(nodes, ids) for name, ids in split_ids.items()}
-            summary = summarize([linear_probe(embeddings, labels[nodes], local)])
-        else:
-            summary = random_split_probe(embeddings, labels[nodes], num_splits, seed=seed)
-    except ValueError as err:
-        raise InputError(store.path, str(err)) from None
-    return evaluation_record(manifest, out, store, splits, summary, nodes.size)
-
-
-def evaluation_record(manifest: dict[str, Any], out: str | os.PathLike, store: GraphStore,
-                      splits: str, summary: ProbeSummary, num_labelled: int) -> dict[str, Any]:
-    return {
-        "embeddings": str(Path(out).resolve()),
-        "data": str(store.path.resolve()),
-        "encoder": manifest["encoder"],
-        "step": manifest["step"],
-        "splits": splits,
-        "metric": summary.results[0].metric,
-        "test_acc_mean": summary.test_mean,
-        "test_acc_std": summary.test_std,
-        "val_acc_mean": summary.val_mean,
-        "val_acc_std": summary.val_std,
-        "num_splits": len(summary.results),
-        "num_labelled": int(num_labelled),
-    }

@@ -59,8 +59,8 @@ import dgl
 import numpy as np
 import torch
 
-from bgrl_dgl.store.writer import process_alive
 from bgrl_dgl.errors import InputError
+from bgrl_dgl.io import process_alive
 from bgrl_dgl.store.reader import NpyWriter
 
 if TYPE_CHECKING:

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from bgrl_dgl.model.adjacency import Adjacency
 from bgrl_dgl.config import field, parse_size
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.loading.feature_cache import CachePolicy, FeatureCache, advise_random_reads, read_rows
+from bgrl_dgl.model.adjacency import Adjacency
 from bgrl_dgl.store.reader import GraphStore, read_node_ids
 
 

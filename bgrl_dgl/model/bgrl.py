@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bgrl_dgl.model.encoder import Encoder, ModelConfig, Predictor
+
 if TYPE_CHECKING:
     from bgrl_dgl.model.adjacency import Adjacency
     from bgrl_dgl.model.augment import View
@@ -137,3 +139,11 @@ class BGRL(nn.Module):
             z2 = self.target(*view2)
         loss = bootstrap_loss(q1, z2) + bootstrap_loss(q2, z1)
         return loss, h1.detach()
+
+
+def build_model(feat_dim: int, config: ModelConfig, seed: int) -> BGRL:
+    """Online encoder, predictor and target, initialised from ``seed``."""
+    torch.manual_seed(seed)
+    encoder = Encoder(feat_dim, config)
+    return BGRL(encoder, Predictor(encoder.out_dim, config.predictor_hidden))
+

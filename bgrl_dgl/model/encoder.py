@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bgrl_dgl.model.adjacency import Adjacency, segment_softmax, weighted_sum
 from bgrl_dgl.config import field
+from bgrl_dgl.model.adjacency import Adjacency, segment_softmax, weighted_sum
 
 
 @dataclass

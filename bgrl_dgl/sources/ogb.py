@@ -44,8 +44,8 @@ import pandas as pd
 import torch
 
 from bgrl_dgl.errors import InputError
-from bgrl_dgl.sources.safe_pickle import RestrictedUnpickler
 from bgrl_dgl.sources import UNDIRECTED, Source
+from bgrl_dgl.sources.safe_pickle import RestrictedUnpickler
 
 OGBN_NAMES = ("ogbn-arxiv", "ogbn-products", "ogbn-papers100M")
 SPLIT_NAMES = ("train", "valid", "test")

@@ -24,9 +24,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from bgrl_dgl.errors import InputError
-from bgrl_dgl.sources.safe_pickle import load_restricted
 from bgrl_dgl.sources import UNDIRECTED, Source
 from bgrl_dgl.sources.npz import write_sparse_features
+from bgrl_dgl.sources.safe_pickle import load_restricted
 
 if TYPE_CHECKING:
     from bgrl_dgl.store.writer import StoreWriter

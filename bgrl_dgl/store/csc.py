@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, TypeVar
 
 import numpy as np
+
 # The public sparse constructors always merge duplicate entries and copy their inputs; the
 # kernels underneath group, sort and merge in place, and carry an arbitrary payload.
 from scipy.sparse import _sparsetools

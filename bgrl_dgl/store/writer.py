@@ -18,10 +18,19 @@ from typing import Any, Iterable, Literal
 
 import numpy as np
 
-from bgrl_dgl.store.csc import EdgeChunks, build_csc
 from bgrl_dgl.errors import InputError
-from bgrl_dgl.store.reader import (FORMAT_VERSION, INT32_LIMIT, META_FILE, SPLIT_NAME, GraphStore, NpyWriter,
-                    save_array, split_array_name)
+from bgrl_dgl.io import process_alive
+from bgrl_dgl.store.csc import EdgeChunks, build_csc
+from bgrl_dgl.store.reader import (
+    FORMAT_VERSION,
+    INT32_LIMIT,
+    META_FILE,
+    SPLIT_NAME,
+    GraphStore,
+    NpyWriter,
+    save_array,
+    split_array_name,
+)
 
 PID_FILE = "writer.pid"
 FEATURE_DTYPE_CHOICES = {"keep": None, "float16": np.dtype(np.float16),
@@ -34,17 +43,6 @@ ROW_CHUNK_SHARE = 16
 
 def temp_dir_pattern(out: Path) -> str:
     return str(out.parent / f"{glob.escape(out.name)}.tmp-*")
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process with this id exists on this machine."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_stale_temp_dirs(out: Path) -> None:

@@ -5,6 +5,7 @@ plain data, so they load with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
@@ -17,6 +18,11 @@ import numpy as np
 import torch
 
 from bgrl_dgl.errors import InputError
+from bgrl_dgl.model.bgrl import BGRL
+from bgrl_dgl.training.distributed import (
+    World,
+    broadcast_object,
+)
 
 CHECKPOINT_DIR = "checkpoints"
 _CHECKPOINT_NAME = re.compile(r"step-(\d{8,})\.pt")
@@ -135,3 +141,55 @@ def restore_rng(state: dict[str, Any]) -> None:
     if torch.cuda.is_available():
         for device, cuda_state in enumerate(state.get("cuda", [])[: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(cuda_state, device)
+
+
+def load_model_weights(model: BGRL, weights: dict[str, torch.Tensor], checkpoint: Path) -> None:
+    """Load a checkpoint's weights into ``model``; InputError when they do not fit it (the
+    run is resumed or read with model settings other than those it was trained with)."""
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, KeyError) as err:
+        problems = str(err).splitlines()
+        raise InputError(checkpoint, "its weights do not fit the model of the run's settings "
+                                     f"({problems[-1].strip()})") from None
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop metric lines after ``last_step`` (written after the checkpoint a run resumes from)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)
+
+
+def prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
+    """Create ``run_dir``; return the checkpoint to resume from, if any."""
+    checkpoint = latest_checkpoint(run_dir) if run_dir.exists() else None
+    if checkpoint is not None and not resume:
+        raise InputError(run_dir, "already holds a run; pass --resume to continue it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return checkpoint
+
+
+def resume_state(run_dir: Path, resume: bool, world: World) -> tuple[Path, dict[str, Any]] | None:
+    """Rank 0 creates ``run_dir`` and reads the checkpoint to resume from; every rank gets
+    its path and state (so only rank 0 needs to see the run directory), or the same error."""
+    outcome: tuple[str, Any] | None = None
+    if world.is_main:
+        try:
+            checkpoint = prepare_run_dir(run_dir, resume)
+            if checkpoint is not None:
+                outcome = ("ok", (checkpoint, load_checkpoint(checkpoint)))
+        except InputError as err:
+            outcome = ("error", (err.path, err.problem))
+    outcome = broadcast_object(outcome)
+    if outcome is None:
+        return None
+    kind, value = outcome
+    if kind == "error":
+        raise InputError(*value)
+    return value
+

@@ -13,17 +13,14 @@ predictor, every rank keeps an identical EMA target, and rank 0 alone writes the
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import math
-import os
 import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,123 +28,32 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from bgrl_dgl import config as cfg
-from bgrl_dgl.model.augment import AugmentConfig, augment_view
-from bgrl_dgl.model.bgrl import BGRL, OnlineBranch, cosine_tau, embedding_std
-from bgrl_dgl.training.checkpoint import capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
-from bgrl_dgl.config import field
-from bgrl_dgl.training.distributed import (World, average_buffers, broadcast_object, check_target_in_sync,
-                          gather_objects, process_device, process_group, sum_across_ranks,
-                          world_from_env)
-from bgrl_dgl.errors import InputError
 from bgrl_dgl.loading.feature_cache import check_cache_budget, training_cache
-from bgrl_dgl.model.encoder import Encoder, ModelConfig, Predictor
-from bgrl_dgl.loading.loader import BatchLoader, SampledBatch, SamplingConfig, resolve_seed_nodes
+from bgrl_dgl.loading.loader import BatchLoader, SampledBatch, resolve_seed_nodes
+from bgrl_dgl.model.augment import augment_view
+from bgrl_dgl.model.bgrl import OnlineBranch, build_model, cosine_tau, embedding_std
+from bgrl_dgl.runs import METRICS_FILE, RunInfo, write_run_files
 from bgrl_dgl.store.reader import GraphStore
-
-
-@dataclass
-class OptimConfig:
-    epochs: int = field(70, "passes over the seed nodes")
-    max_steps: int | None = field(None, "stop after this many steps (overrides --epochs)")
-    lr: float = field(1e-3, "peak AdamW learning rate")
-    weight_decay: float = field(1e-5, "AdamW weight decay")
-    warmup_steps: int = field(50, "linear learning-rate warm-up steps, then cosine decay to 0")
-    tau_base: float = field(0.99, "initial EMA momentum of the target; cosine-scheduled to 1.0")
-    lr_scaling: Literal["none", "linear", "sqrt"] = field(
-        "none", "how the peak learning rate grows with the number of processes P, whose global "
-                "batch is P x batch_size: none (lr), linear (lr x P) or sqrt (lr x sqrt(P))")
-
-    def peak_lr(self, world_size: int) -> float:
-        """The peak learning rate of a run on ``world_size`` processes."""
-        factor = {"none": 1.0, "linear": float(world_size), "sqrt": math.sqrt(world_size)}
-        return self.lr * factor[self.lr_scaling]
-
-    def __post_init__(self) -> None:
-        if self.epochs <= 0 or (self.max_steps is not None and self.max_steps <= 0):
-            raise ValueError("epochs and max_steps must be positive")
-        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0:
-            raise ValueError("lr must be positive; weight_decay and warmup_steps non-negative")
-        if not 0.0 <= self.tau_base <= 1.0:
-            raise ValueError("tau_base must lie in [0, 1]")
-
-
-@dataclass
-class RunConfig:
-    seed: int = field(0, "seed of weights, batches and augmentations")
-    device: Literal["auto", "cpu", "cuda"] = field("auto", "where the model runs (auto: cuda if available)")
-    threads: int = field(0, "torch CPU threads of the training process (0: the usable cores "
-                            "left after the sampling workers, at least 1)")
-    checkpoint_every: int = field(500, "steps between checkpoints (one is always written at the end)")
-    log_every: int = field(10, "steps between lines of metrics.jsonl")
-    sync_check_every: int = field(100, "steps between checks that the target encoders of all "
-                                       "processes are identical (multi-process runs)")
-    collapse_ratio: float = field(
-        0.1, "warn when the embedding std falls below this fraction of 1/sqrt(dim)")
-
-    def __post_init__(self) -> None:
-        if min(self.checkpoint_every, self.log_every, self.sync_check_every) <= 0:
-            raise ValueError("checkpoint_every, log_every and sync_check_every must be positive")
-        if self.threads < 0:
-            raise ValueError("threads must be >= 0")
-
-
-def compute_threads(requested: int, num_workers: int, local_processes: int = 1) -> int:
-    """Threads for compute: as requested, or this process's share of the machine's cores
-    minus its sampling workers (oversubscribed cores make every parallel section wait for a
-    descheduled thread)."""
-    if requested:
-        return requested
-    return max(len(os.sched_getaffinity(0)) // local_processes - num_workers, 1)
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-_ALLOCATOR_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
-
-
-def keep_freed_host_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30) -> bool:
-    """Let glibc's malloc keep freed blocks of up to ``mmap_threshold`` bytes (glibc's
-    maximum) for reuse instead of unmapping them, and not trim its heap below
-    ``trim_threshold`` free bytes. Returns whether the setting was applied.
-
-    A CPU training step allocates and frees the same activations of a few MB every step;
-    returned to the kernel, each comes back as fresh pages that fault in one by one
-    (26,000 page faults and about 10% of a BGRL step in bench_train). Nothing is changed
-    where the user tunes the allocator through its environment variables, or where the C
-    library has no ``mallopt`` (then it is not glibc's allocator).
-    """
-    if any(name in os.environ for name in _ALLOCATOR_VARIABLES):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
-
-
-@dataclass
-class TrainConfig:
-    sampling: SamplingConfig
-    augment: AugmentConfig
-    model: ModelConfig
-    optim: OptimConfig
-    run: RunConfig
-
-    @classmethod
-    def defaults(cls) -> "TrainConfig":
-        return cfg.from_sections(cls)
-
-    @classmethod
-    def from_plain(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
-        return cfg.from_sections(cls, data, source=source)
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Multiplier of the peak learning rate: linear warm-up, then cosine decay to 0."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    decay_steps = max(total_steps - warmup_steps, 1)
-    progress = min((step - warmup_steps) / decay_steps, 1.0)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+from bgrl_dgl.training.checkpoint import (
+    capture_rng,
+    load_model_weights,
+    restore_rng,
+    resume_state,
+    save_checkpoint,
+    truncate_metrics,
+)
+from bgrl_dgl.training.config import TrainConfig, lr_factor
+from bgrl_dgl.training.distributed import (
+    World,
+    average_buffers,
+    check_target_in_sync,
+    gather_objects,
+    process_device,
+    process_group,
+    sum_across_ranks,
+    world_from_env,
+)
+from bgrl_dgl.training.host import compute_threads, keep_freed_host_memory
 
 
 def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
@@ -156,24 +62,6 @@ def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
     entropy = [seed, step, 0xA06] + ([rank] if rank else [])
     state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
-def build_model(feat_dim: int, config: ModelConfig, seed: int) -> BGRL:
-    """Online encoder, predictor and target, initialised from ``seed``."""
-    torch.manual_seed(seed)
-    encoder = Encoder(feat_dim, config)
-    return BGRL(encoder, Predictor(encoder.out_dim, config.predictor_hidden))
-
-
-def load_model_weights(model: BGRL, weights: dict[str, torch.Tensor], checkpoint: Path) -> None:
-    """Load a checkpoint's weights into ``model``; InputError when they do not fit it (the
-    run is resumed or read with model settings other than those it was trained with)."""
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as err:
-        problems = str(err).splitlines()
-        raise InputError(checkpoint, "its weights do not fit the model of the run's settings "
-                                     f"({problems[-1].strip()})") from None
 
 
 class StopRequest:
@@ -345,7 +233,7 @@ class Trainer:
     def log_metrics(self, metrics: dict[str, float]) -> None:
         if not self.is_main:
             return
-        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+        with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(metrics) + "\n")
 
     # -- checkpoints ----------------------------------------------------------------------
@@ -385,46 +273,6 @@ class Trainer:
         return save_checkpoint(self.run_dir, self.state(rank_rng), self.step)
 
 
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop metric lines after ``last_step`` (written after the checkpoint a run resumes from)."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] <= last_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    tmp.replace(path)
-
-
-def prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
-    """Create ``run_dir``; return the checkpoint to resume from, if any."""
-    checkpoint = latest_checkpoint(run_dir) if run_dir.exists() else None
-    if checkpoint is not None and not resume:
-        raise InputError(run_dir, "already holds a run; pass --resume to continue it")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return checkpoint
-
-
-def resume_state(run_dir: Path, resume: bool, world: World) -> tuple[Path, dict[str, Any]] | None:
-    """Rank 0 creates ``run_dir`` and reads the checkpoint to resume from; every rank gets
-    its path and state (so only rank 0 needs to see the run directory), or the same error."""
-    outcome: tuple[str, Any] | None = None
-    if world.is_main:
-        try:
-            checkpoint = prepare_run_dir(run_dir, resume)
-            if checkpoint is not None:
-                outcome = ("ok", (checkpoint, load_checkpoint(checkpoint)))
-        except InputError as err:
-            outcome = ("error", (err.path, err.problem))
-    outcome = broadcast_object(outcome)
-    if outcome is None:
-        return None
-    kind, value = outcome
-    if kind == "error":
-        raise InputError(*value)
-    return value
-
-
 def train(data: str | Path, run_dir: str | Path, config: TrainConfig, *, resume: bool = False,
           world: World | None = None) -> dict[str, float]:
     """Train BGRL on the store at ``data``, writing into ``run_dir``; returns final metrics.
@@ -445,11 +293,9 @@ def train(data: str | Path, run_dir: str | Path, config: TrainConfig, *, resume:
         if resumed is not None:
             trainer.load_state(resumed[1], resumed[0])
         if trainer.is_main:
-            cfg.save_yaml(cfg.to_dict(config), run_dir / "config.yaml")
-            cfg.save_yaml({"data": str(Path(data).resolve()), "feat_dim": store.feat_dim,
-                           "num_nodes": store.num_nodes, "world_size": world.world_size},
-                          run_dir / "run.yaml")
-            truncate_metrics(run_dir / "metrics.jsonl", trainer.step)
+            write_run_files(run_dir, config, RunInfo(Path(data).resolve(), store.feat_dim,
+                                                     store.num_nodes, world.world_size))
+            truncate_metrics(run_dir / METRICS_FILE, trainer.step)
         if trainer.step >= trainer.total_steps:
             return {}
         # Built here, before the loader starts its workers, which attach to it by its path.
@@ -459,22 +305,3 @@ def train(data: str | Path, run_dir: str | Path, config: TrainConfig, *, resume:
             return trainer.fit()
 
 
-def load_run_config(run_dir: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
-    """The resolved config of a run and its run.yaml (data path, feature dim, node count)."""
-    run_dir = Path(run_dir)
-    config = TrainConfig.from_plain(cfg.load_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml"))
-    return config, cfg.load_yaml(run_dir / "run.yaml")
-
-
-def load_encoder(run_dir: str | Path, which: Literal["online", "target", "random"] = "online") -> Encoder:
-    """An encoder of a run: the online or target encoder of its newest checkpoint, or the
-    encoder as initialised before training (``random``, the baseline of the linear probe)."""
-    config, info = load_run_config(run_dir)
-    model = build_model(int(info["feat_dim"]), config.model, config.run.seed)
-    if which != "random":
-        checkpoint = latest_checkpoint(Path(run_dir))
-        if checkpoint is None:
-            raise InputError(run_dir, "holds no checkpoint")
-        load_model_weights(model, load_checkpoint(checkpoint)["model"], checkpoint)
-    encoder = model.target if which == "target" else model.online
-    return encoder.eval()

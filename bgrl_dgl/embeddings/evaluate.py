@@ -1,0 +1,141 @@
+"""``evaluate``: the BGRL linear-probe protocol on a store's labels, for embeddings exported
+by ``embed`` or computed in memory from a run's encoder.
+
+Both read only the labelled nodes' rows and fit the same probe (embeddings/probe.py) on the
+store's train/valid/test splits (``public``) or on ``num_splits`` random stratified
+10/10/80 splits (``random``).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+
+from bgrl_dgl.embeddings.export import open_export, read_embeddings
+from bgrl_dgl.embeddings.layerwise import embed_store
+from bgrl_dgl.embeddings.probe import ProbeSummary, linear_probe, random_split_probe, summarize
+from bgrl_dgl.errors import InputError
+from bgrl_dgl.runs import EncoderName, load_encoder, load_run_config
+from bgrl_dgl.splits import SPLIT_NAMES
+from bgrl_dgl.store.reader import GraphStore
+
+SplitMode = Literal["public", "random"]
+
+
+@dataclass(frozen=True)
+class ProbeTask:
+    """The labelled nodes a probe reads, and how they are split."""
+
+    nodes: np.ndarray                          # [M] ascending store indices
+    labels: np.ndarray                         # [M] (or [M, C] multi-label)
+    local_splits: dict[str, np.ndarray] | None  # positions into ``nodes``; None: random splits
+
+    @classmethod
+    def of_store(cls, store: GraphStore, splits: SplitMode, num_splits: int) -> "ProbeTask":
+        """The nodes of ``store`` that ``splits`` uses: the split members with a label, or
+        every labelled node for random splits."""
+        if store.labels is None:
+            raise InputError(store.path, "has no labels to evaluate with")
+        if splits not in ("public", "random"):
+            raise InputError(None, f"--splits must be public or random, got {splits!r}")
+        if splits == "random" and num_splits < 1:
+            raise InputError(None, f"--num-splits must be positive, got {num_splits}")
+        labels = np.asarray(store.labels)
+        labelled = labels >= 0 if labels.ndim == 1 else (labels >= 0).all(axis=1)
+        if splits == "random":
+            nodes = np.flatnonzero(labelled)
+            local = None
+        else:
+            split_ids = {name: np.asarray(store.split(name), dtype=np.int64)
+                         for name in SPLIT_NAMES}
+            split_ids = {name: ids[labelled[ids]] for name, ids in split_ids.items()}
+            nodes = np.unique(np.concatenate(list(split_ids.values())))
+            local = {name: np.searchsorted(nodes, ids) for name, ids in split_ids.items()}
+        if nodes.size == 0:
+            raise InputError(store.path, "has no labelled nodes to evaluate with")
+        return cls(nodes, labels[nodes], local)
+
+    def run(self, embeddings: np.ndarray, num_splits: int, seed: int) -> ProbeSummary:
+        """Fit the probe on ``embeddings`` [M, D] (rows of ``nodes``)."""
+        if self.local_splits is None:
+            return random_split_probe(embeddings, self.labels, num_splits, seed=seed)
+        return summarize([linear_probe(embeddings, self.labels, self.local_splits)])
+
+
+def probe_store(store: GraphStore, rows_of: Callable[[np.ndarray], np.ndarray],
+                splits: SplitMode, num_splits: int, seed: int) -> tuple[ProbeSummary, int]:
+    """The probe protocol on ``store``'s labels.
+
+    Args:
+        rows_of: maps ascending node ids [M] to their embeddings [M, D].
+
+    Returns:
+        The probe summary and the number of labelled nodes it read.
+    """
+    task = ProbeTask.of_store(store, splits, num_splits)
+    embeddings = rows_of(task.nodes)
+    try:
+        return task.run(embeddings, num_splits, seed), task.nodes.size
+    except ValueError as err:
+        raise InputError(store.path, str(err)) from None
+
+
+def evaluate_export(out: str | os.PathLike, data: str | os.PathLike | None = None, *,
+                    splits: SplitMode = "public", num_splits: int = 20,
+                    seed: int = 0) -> dict[str, Any]:
+    """Probe the embeddings of the export ``out`` on the labels of its store (or ``data``).
+
+    Returns:
+        A JSON-ready summary (see :func:`evaluation_record`).
+    """
+    manifest = open_export(out)
+    store = GraphStore.open(data if data is not None else manifest["data"]["path"])
+    summary, num_labelled = probe_store(
+        store, lambda nodes: read_embeddings(out, manifest, store, nodes), splits, num_splits,
+        seed)
+    return evaluation_record(store, splits, summary, num_labelled, encoder=manifest["encoder"],
+                             step=manifest["step"], embeddings=str(Path(out).resolve()))
+
+
+def evaluate_run(run: str | os.PathLike, data: str | os.PathLike | None = None, *,
+                 encoder: EncoderName = "online", splits: SplitMode = "public",
+                 num_splits: int = 20, seed: int = 0) -> dict[str, Any]:
+    """Probe the in-memory embeddings (exact layer-wise inference) of a run's encoder.
+
+    Returns:
+        A JSON-ready summary (see :func:`evaluation_record`).
+    """
+    _, info = load_run_config(run)
+    store = GraphStore.open(data if data is not None else info.data)
+    source = load_encoder(run, which=encoder)
+    if store.feat_dim != source.encoder.in_dim:
+        raise InputError(store.path, f"has {store.feat_dim}-d features; the encoder takes "
+                                     f"{source.encoder.in_dim}-d ones")
+    summary, num_labelled = probe_store(
+        store, lambda nodes: embed_store(source.encoder, store, nodes=nodes), splits,
+        num_splits, seed)
+    step = source.checkpoint["step"] if source.checkpoint else 0
+    return evaluation_record(store, splits, summary, num_labelled, encoder=encoder, step=step,
+                             embeddings=None)
+
+
+def evaluation_record(store: GraphStore, splits: str, summary: ProbeSummary, num_labelled: int,
+                      *, encoder: str, step: int, embeddings: str | None) -> dict[str, Any]:
+    """The JSON line ``evaluate`` prints and appends to ``RUN/evaluations.jsonl``."""
+    return {
+        "embeddings": embeddings,
+        "data": str(store.path.resolve()),
+        "encoder": encoder,
+        "step": step,
+        "splits": splits,
+        "metric": summary.results[0].metric,
+        "test_acc_mean": summary.test_mean,
+        "test_acc_std": summary.test_std,
+        "val_acc_mean": summary.val_mean,
+        "val_acc_std": summary.val_std,
+        "num_splits": len(summary.results),
+        "num_labelled": int(num_labelled),
+    }
