@@ -19,6 +19,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 import yaml
 
 from bgrl_dgl.errors import InputError
+from bgrl_dgl.io import write_atomic
 
 T = TypeVar("T")
 
@@ -222,11 +223,7 @@ def from_sections(
 
 def save_yaml(data: dict[str, Any], path: str | os.PathLike) -> None:
     """Write ``data`` as YAML atomically (temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        yaml.safe_dump(data, handle, sort_keys=False)
-    os.replace(tmp, path)
+    write_atomic(Path(path), yaml.safe_dump(data, sort_keys=False))
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20,

@@ -7,6 +7,7 @@ run can remove those of dead processes.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -14,7 +15,7 @@ import re
 import shutil
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from bgrl_dgl.errors import InputError
 
@@ -36,6 +37,7 @@ TEMP_NAME = re.compile(r"\.tmp-(\d+)@([^@]+)@.*")
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """The hex SHA-256 of a file's bytes, read in chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(chunk):
@@ -43,38 +45,68 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-# ---- the output directory ------------------------------------------------------------------
 def temp_prefix() -> str:
+    """The prefix of this process's temp names: ``.tmp-<pid>@<host>@``."""
     return f".tmp-{os.getpid()}@{socket.gethostname()}@"
 
 
-def remove_stale_temp_files(out: Path) -> None:
-    """Delete temp files and scratch directories left in ``out`` by dead processes of this host."""
+def temp_path(path: Path) -> Path:
+    """This process's temp name for ``path``, in the same directory (same file system, so
+    the final rename is atomic)."""
+    return path.with_name(temp_prefix() + path.name)
+
+
+def remove_stale_temp_files(directory: Path) -> None:
+    """Delete the temp files and directories that dead processes of this host left in
+    ``directory`` (live writers' and other hosts' temps are kept)."""
     host = socket.gethostname()
-    for entry in out.iterdir():
+    try:
+        entries = list(directory.iterdir())
+    except FileNotFoundError:
+        return
+    for entry in entries:
         match = TEMP_NAME.fullmatch(entry.name)
         if match and match.group(2) == host and not process_alive(int(match.group(1))):
-            if entry.is_dir():
+            if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """``text`` to ``path`` via a temp file in the same directory, flushed and renamed."""
-    tmp = path.with_name(temp_prefix() + path.name)
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside ``path`` to write; when the block ends without error the
+    file is flushed to disk and renamed to ``path``, otherwise it is removed."""
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write ``data`` (text as UTF-8) to ``path`` through :func:`atomic_path`."""
+    with atomic_path(path) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8")
+        else:
+            tmp.write_bytes(data)
+
+
 def read_json(path: Path) -> Any:
+    """The JSON value in ``path``; InputError when missing or unreadable."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bgrl_dgl.errors import InputError
+from bgrl_dgl.io import atomic_path
 from bgrl_dgl.runs import EVALUATIONS_FILE, METRICS_FILE, check_run_dir, read_jsonl
 
 INSTALL_PLOT = "pip install 'bgrl-dgl[plot]'"
@@ -100,13 +101,8 @@ def plot_history(history: RunHistory, out: Path) -> Path:
     plot_accuracy(axes[1, 1], history.evaluations)
     for ax in axes[1]:
         ax.set_xlabel("step")
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.png")
-    try:
+    with atomic_path(out) as tmp:
         figure.savefig(tmp, dpi=100)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return out
 
 

@@ -3,6 +3,7 @@ sampling and training."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -261,7 +262,7 @@ def test_a_dead_runs_cache_is_reused_and_removed_by_the_next_run(store, tmp_path
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "owner": int(dead.stdout)}))
     leftover.owner = False  # as if its process had died without closing it
-    (tmp_path / f"{leftover.directory.name}.tmp-{int(dead.stdout)}").mkdir()
+    (tmp_path / f".tmp-{int(dead.stdout)}@{socket.gethostname()}@{leftover.directory.name}").mkdir()
     rows_inode = (leftover.directory / "rows.npy").stat().st_ino
     with FeatureCache.build(store, 25 * ROW_BYTES, root=tmp_path) as again:
         assert again.owner and again.directory == leftover.directory

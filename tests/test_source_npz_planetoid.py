@@ -275,7 +275,7 @@ def test_npz_unreadable_files(cora_dir, tmp_path):
 
 def assert_no_output(out: Path) -> None:
     assert not out.exists()
-    assert not list(out.parent.glob(out.name + ".tmp-*"))
+    assert not list(out.parent.glob(".tmp-*@" + out.name))
 
 
 def test_prepare_truncated_npz(capsys, cora_dir, tmp_path):

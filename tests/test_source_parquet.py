@@ -188,11 +188,11 @@ def test_bad_input(prepare, tmp_path, case):
     args, name, problem = bad_case(tmp_path, case)
     out = tmp_path / "store"
     assert_input_error(prepare(*args, "--out", out), name, problem)
-    assert not out.exists() and not list(tmp_path.glob("store.tmp-*"))
+    assert not out.exists() and not list(tmp_path.glob(".tmp-*@store"))
 
 
 def test_cli_reports_non_integer_column(cli, tmp_path):
     args, name, problem = bad_case(tmp_path, "float column")
     out = tmp_path / "store"
     assert_input_error(cli("prepare", "parquet", *args, "--out", out), name, problem)
-    assert not out.exists() and not list(tmp_path.glob("store.tmp-*"))
+    assert not out.exists() and not list(tmp_path.glob(".tmp-*@store"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -446,7 +447,7 @@ def test_killed_writer_leaves_no_store_and_does_not_block_a_rerun(tmp_path):
     finally:
         process.kill()
         process.stdout.close()
-    leftovers = list(tmp_path.glob("store.tmp-*"))
+    leftovers = list(tmp_path.glob(".tmp-*@store"))
     assert not out.exists() and len(leftovers) == 1
     assert not (leftovers[0] / "meta.json").exists()
     with pytest.raises(InputError):
@@ -458,9 +459,8 @@ def test_killed_writer_leaves_no_store_and_does_not_block_a_rerun(tmp_path):
 
 
 def test_temp_dir_of_a_live_writer_is_left_alone(tmp_path):
-    other = tmp_path / "store.tmp-live"
+    other = tmp_path / f".tmp-{os.getppid()}@{socket.gethostname()}@store"
     other.mkdir()
-    (other / "writer.pid").write_text(str(os.getpid()))
     write_store(tmp_path / "store")
     assert other.exists()
 

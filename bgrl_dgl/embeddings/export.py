@@ -57,9 +57,11 @@ from bgrl_dgl.embeddings.layerwise import embed_store
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.io import (
     TEMP_NAME,
+    atomic_path,
     file_sha256,
     read_json,
     remove_stale_temp_files,
+    temp_path,
     temp_prefix,
     write_atomic,
 )
@@ -199,7 +201,7 @@ def publish_inputs(out: Path, inputs: dict[str, Any]) -> None:
     """Write ``_inputs.json`` unless present; if another process wrote it first (another
     rank), it must record the same inputs."""
     path = out / INPUTS_FILE
-    tmp = out / (temp_prefix() + INPUTS_FILE)
+    tmp = temp_path(path)
     tmp.write_text(json.dumps(inputs, indent=1) + "\n", encoding="utf-8")
     try:
         os.link(tmp, path)  # fails if the file exists: the first writer wins
@@ -294,21 +296,14 @@ def row_group_table(store: GraphStore, nodes: np.ndarray, rows: np.ndarray,
 def write_part(path: Path, store: GraphStore, nodes: np.ndarray, rows: np.ndarray,
                schema: pa.Schema, row_group_rows: int) -> None:
     """Write one part to ``path`` through a temp file renamed once complete and on disk."""
-    tmp = path.with_name(temp_prefix() + path.name)
     dictionary = ["node_type"] if "node_type" in schema.names else False
-    try:
+    with atomic_path(path) as tmp:
         with pq.ParquetWriter(tmp, schema, compression="zstd", use_dictionary=dictionary,
                               write_statistics=["node_id"]) as writer:
             for start in range(0, nodes.size, row_group_rows):
                 end = min(start + row_group_rows, nodes.size)
                 writer.write_table(row_group_table(store, nodes[start:end], rows[start:end], schema),
                                    row_group_size=end - start)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def finish_if_complete(out: Path, inputs: dict[str, Any], layout: PartLayout) -> bool:

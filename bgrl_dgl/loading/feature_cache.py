@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from bgrl_dgl.errors import InputError
-from bgrl_dgl.io import process_alive
+from bgrl_dgl.io import process_alive, remove_stale_temp_files, temp_path, write_atomic
 from bgrl_dgl.store.reader import NpyWriter
 
 if TYPE_CHECKING:
@@ -224,8 +224,7 @@ class FeatureCache:
         # One writer per store at a time: the others wait, then attach to what it wrote.
         with open(store.array_path("features"), "rb") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            for stale in directory.parent.glob(f"{directory.name}.tmp-*"):  # a dead writer's
-                shutil.rmtree(stale, ignore_errors=True)
+            remove_stale_temp_files(directory.parent)  # a dead writer's
             if directory.is_dir():
                 owner = adopt_if_orphaned(directory)
             else:
@@ -288,7 +287,7 @@ def write_cache(directory: Path, store: "GraphStore", ids: np.ndarray,
     if needed > free:
         raise InputError(directory.parent, f"the feature cache needs {needed} bytes, "
                                            f"only {free} are free")
-    tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+    tmp = temp_path(directory)
     tmp.mkdir()
     try:
         # File writes, not a writable memmap: a full tmpfs then fails with ENOSPC, not SIGBUS.
@@ -318,9 +317,7 @@ def adopt_if_orphaned(directory: Path) -> bool:
     if process_alive(int(meta["owner"])):
         return False
     meta["owner"] = os.getpid()
-    tmp = meta_path.with_name(f"{META_FILE}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(meta), encoding="utf-8")
-    os.replace(tmp, meta_path)
+    write_atomic(meta_path, json.dumps(meta))
     return True
 
 

@@ -1,17 +1,15 @@
 """Writing a graph store: :class:`StoreWriter` collects a source's arrays and commits them.
 
-Everything is written into ``OUT.tmp-<random>`` next to ``OUT`` (same file system) and
-renamed to ``OUT`` only by :meth:`StoreWriter.commit`, after full validation. A failure or
-a kill at any point leaves at most such a temp directory, which holds the writer's pid so a
-later writer can recognise and delete it once that process is gone.
+Everything is written into a temp directory ``.tmp-<pid>@<host>@OUT`` next to ``OUT`` (same
+file system; see io.py) and renamed to ``OUT`` only by :meth:`StoreWriter.commit`, after full
+validation. A failure or a kill at any point leaves at most such a temp directory, which a
+later writer deletes once that process is gone.
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Literal
@@ -19,7 +17,7 @@ from typing import Any, Iterable, Literal
 import numpy as np
 
 from bgrl_dgl.errors import InputError
-from bgrl_dgl.io import process_alive
+from bgrl_dgl.io import remove_stale_temp_files, temp_path
 from bgrl_dgl.store.csc import EdgeChunks, build_csc
 from bgrl_dgl.store.reader import (
     FORMAT_VERSION,
@@ -32,28 +30,12 @@ from bgrl_dgl.store.reader import (
     split_array_name,
 )
 
-PID_FILE = "writer.pid"
 FEATURE_DTYPE_CHOICES = {"keep": None, "float16": np.dtype(np.float16),
                          "float32": np.dtype(np.float32)}
 SELF_LOOP_FLAG = {"keep": "kept", "remove": "removed", "add": "added"}
 # Share of the memory budget one chunk of input rows may take (the rest: conversions, the
 # consumer's own working set, and the next chunk being read).
 ROW_CHUNK_SHARE = 16
-
-
-def temp_dir_pattern(out: Path) -> str:
-    return str(out.parent / f"{glob.escape(out.name)}.tmp-*")
-
-
-def remove_stale_temp_dirs(out: Path) -> None:
-    """Delete ``OUT.tmp-*`` directories left by writers whose process no longer exists."""
-    for name in glob.glob(temp_dir_pattern(out)):
-        try:
-            pid = int((Path(name) / PID_FILE).read_text())
-        except (OSError, ValueError):
-            continue  # not ours, or a writer that has not recorded its pid yet
-        if not process_alive(pid):
-            shutil.rmtree(name, ignore_errors=True)
 
 
 def check_target(out: Path, overwrite: bool) -> None:
@@ -136,9 +118,10 @@ class StoreWriter:
         self.source = source or {"name": None, "params": {}}
         check_target(self.out, overwrite)
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_dirs(self.out)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.out.name}.tmp-", dir=self.out.parent))
-        (self.tmp / PID_FILE).write_text(str(os.getpid()))
+        remove_stale_temp_files(self.out.parent)
+        self.tmp = temp_path(self.out)
+        shutil.rmtree(self.tmp, ignore_errors=True)  # an earlier attempt of this process
+        self.tmp.mkdir()  # (mkdir applies the umask, as the final directory should)
         self._arrays: dict[str, dict[str, Any]] = {}
         self._num_nodes: int | None = None
         self._topology: dict[str, Any] | None = None
@@ -332,7 +315,6 @@ class StoreWriter:
             # Name the file as it would have been in the output, not in the doomed temp dir.
             path = None if err.path is None else err.path.replace(str(self.tmp), str(self.out), 1)
             raise InputError(path, err.problem) from None
-        (self.tmp / PID_FILE).unlink()
         self._install()
         self._committed = True
         return self.out

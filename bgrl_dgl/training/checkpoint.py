@@ -6,11 +6,9 @@ plain data, so they load with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ import numpy as np
 import torch
 
 from bgrl_dgl.errors import InputError
+from bgrl_dgl.io import atomic_path, fsync_path, remove_stale_temp_files, write_atomic
 from bgrl_dgl.model.bgrl import BGRL
 from bgrl_dgl.training.distributed import (
     World,
@@ -53,18 +52,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename inside ``folder`` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(run_dir: Path, state: dict, step: int, keep: int = 3) -> Path:
     """Write ``state`` as the checkpoint of ``step`` and delete all but the newest ``keep``.
 
@@ -75,17 +62,10 @@ def save_checkpoint(run_dir: Path, state: dict, step: int, keep: int = 3) -> Pat
         raise ValueError(f"keep must be at least 1, got {keep}")
     path = checkpoint_path(run_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    remove_stale_temp_files(path.parent)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    fsync_path(path.parent)
     for _, old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
@@ -160,9 +140,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
         return
     kept = [line for line in path.read_text(encoding="utf-8").splitlines()
             if line.strip() and json.loads(line)["step"] <= last_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
