@@ -168,7 +168,8 @@ def add_embed_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_embed(args: argparse.Namespace) -> int:
-    from bgrl_dgl.embeddings.export import InferenceOptions, export_embeddings
+    from bgrl_dgl.embeddings.export import export_embeddings
+    from bgrl_dgl.embeddings.sampled import InferenceOptions
     from bgrl_dgl.training.distributed import world_from_env
 
     result = export_embeddings(

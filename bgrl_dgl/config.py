@@ -25,7 +25,12 @@ T = TypeVar("T")
 
 
 def field(default: Any, help: str, **metadata: Any) -> Any:
-    """A dataclass field with help text; list defaults are copied per instance."""
+    """A dataclass field with help text; list defaults are copied per instance.
+
+    ``parse=function`` (metadata) turns a flag's or YAML's text into the field's value (e.g.
+    :func:`parse_size` for byte counts written ``2GB``), so a setting is parsed once, into
+    its final type.
+    """
     meta = {"help": help, **metadata}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
@@ -104,15 +109,21 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls
         parser.add_argument(
             flag_name(f.name),
             dest=f.name,
-            type=_value_parser(tp, f.name),
+            type=f.metadata.get("parse") or _value_parser(tp, f.name),
             default=None,
             metavar=f.name.upper(),
             help=f"{f.metadata.get('help', '')} (default: {shown})",
         )
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check and convert a YAML value to the field type ``tp``."""
+def _coerce(value: Any, tp: Any, where: str, parse: Any = None) -> Any:
+    """Check and convert a YAML value to the field type ``tp`` (text through ``parse``, the
+    field's own parser, when it has one)."""
+    if parse is not None and isinstance(value, str):
+        try:
+            return parse(value)
+        except argparse.ArgumentTypeError as err:
+            raise ValueError(f"{where}: {err}") from None
     inner, optional = _split_optional(tp)
     if value is None:
         if optional:
@@ -146,8 +157,9 @@ def section_from_dict(cls: type[T], data: dict[str, Any], source: str, prefix: s
     unknown = sorted(set(data) - known)
     if unknown:
         raise InputError(source, f"unknown setting {prefix}{unknown[0]}")
+    parsers = {f.name: f.metadata.get("parse") for f in dataclasses.fields(cls)}
     try:
-        values = {k: _coerce(v, types_[k], prefix + k) for k, v in data.items()}
+        values = {k: _coerce(v, types_[k], prefix + k, parsers[k]) for k, v in data.items()}
         return cls(**values)
     except (ValueError, TypeError, argparse.ArgumentTypeError) as err:
         raise InputError(source, str(err)) from None

@@ -40,12 +40,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import dgl
 import numpy as np
 import torch
 
-from bgrl_dgl.loading.feature_cache import FeatureCache, advise_random_reads, read_rows
-from bgrl_dgl.loading.loader import SamplingConfig, epoch_permutation, one_omp_thread
+from bgrl_dgl.loading.feature_cache import FeatureCache
+from bgrl_dgl.loading.features import advise_random_reads, read_rows
+from bgrl_dgl.loading.loader import SamplingConfig, epoch_permutation
+from bgrl_dgl.loading.sampler import BlockSampler
 from bgrl_dgl.store.reader import GraphStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,15 +128,13 @@ def sample_input_nodes(store: GraphStore, fanouts: list[int], batch_size: int,
                        num_batches: int, seed: int) -> list[np.ndarray]:
     """Input node ids of the first ``num_batches`` batches of epoch 0, as training samples
     them: one int64 array per batch."""
-    sampler = dgl.dataloading.NeighborSampler(fanouts, fused=False)
+    sampler = BlockSampler(store.graph, fanouts)
     order = epoch_permutation(store.num_nodes, seed, 0)
     batches = []
-    with one_omp_thread():
-        for index in range(num_batches):
-            dgl.seed(seed + index)
-            seeds = torch.from_numpy(order[index * batch_size:(index + 1) * batch_size])
-            input_nodes, _, _ = sampler.sample_blocks(store.graph, seeds.to(store.graph.idtype))
-            batches.append(input_nodes.numpy().astype(np.int64))
+    for index in range(num_batches):
+        seeds = torch.from_numpy(order[index * batch_size:(index + 1) * batch_size])
+        input_nodes, _ = sampler.sample(seeds, seed + index)
+        batches.append(input_nodes.numpy().astype(np.int64))
     return batches
 
 

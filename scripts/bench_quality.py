@@ -21,10 +21,7 @@ import numpy as np
 
 import bgrl_dgl  # noqa: F401  (sets the DGL backend)
 from bgrl_dgl.cli import main as cli_main
-from bgrl_dgl.embeddings.layerwise import embed_store
-from bgrl_dgl.embeddings.probe import linear_probe, random_split_probe
-from bgrl_dgl.runs import load_encoder
-from bgrl_dgl.store.reader import GraphStore
+from bgrl_dgl.embeddings.evaluate import evaluate_run
 from bgrl_dgl.training.config import TrainConfig
 from bgrl_dgl.training.trainer import train
 
@@ -32,13 +29,13 @@ REPO = Path(__file__).resolve().parents[1]
 CORA = REPO.parent / "shared" / "data" / "cora"
 
 
-def probe(store: GraphStore, encoder, num_random: int, seed: int) -> tuple[float, float]:
-    """(public-split test accuracy, mean test accuracy over random 10/10/80 splits)."""
-    embeddings = embed_store(encoder, store)
-    labels = np.asarray(store.labels)
-    public = linear_probe(embeddings, labels, {s: store.split(s) for s in ("train", "valid", "test")})
-    random = random_split_probe(embeddings, labels, num_random, seed=100 * seed)
-    return public.test_acc, random.test_mean
+def probe(run_dir: Path, encoder: str, num_random: int, seed: int) -> tuple[float, float]:
+    """(public-split test accuracy, mean test accuracy over random 10/10/80 splits) of a
+    run's encoder, by the protocol of ``bgrl-dgl evaluate --run``."""
+    public = evaluate_run(run_dir, encoder=encoder, splits="public")
+    random = evaluate_run(run_dir, encoder=encoder, splits="random", num_splits=num_random,
+                          seed=100 * seed)
+    return public["test_acc_mean"], random["test_acc_mean"]
 
 
 def main() -> None:
@@ -55,7 +52,6 @@ def main() -> None:
                            "--out", str(store_dir)])
         if status:
             sys.exit(status)
-        store = GraphStore.open(store_dir)
         public, random, baseline, walls = [], [], [], []
         for seed in seeds:
             config = TrainConfig.defaults()
@@ -63,9 +59,9 @@ def main() -> None:
             run_dir = Path(tmp) / f"run-{seed}"
             start = time.perf_counter()
             train(store_dir, run_dir, config)
-            public_acc, random_acc = probe(store, load_encoder(run_dir, which="online").encoder, args.random_splits, seed)
+            public_acc, random_acc = probe(run_dir, "online", args.random_splits, seed)
             walls.append(time.perf_counter() - start)
-            base_acc, _ = probe(store, load_encoder(run_dir, which="random").encoder, 1, seed)
+            base_acc, _ = probe(run_dir, "random", 1, seed)
             public.append(public_acc)
             random.append(random_acc)
             baseline.append(base_acc)

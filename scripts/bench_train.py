@@ -1,6 +1,6 @@
 """Benchmark a BGRL training step against a plain supervised GraphSAGE step on the same batches.
 
-Both arms are fed by the same :class:`~bgrl_dgl.loading.loader.BatchLoader` (the Trainer's), over
+Both arms are fed by the same :class:`~bgrl_dgl.loading.loader.BatchLoader` (the one ``train`` builds), over
 the same batches (global steps ``0 .. warmup + steps - 1``), and are timed end to end: each
 step's wait for the loader plus its compute. The first ``--warmup`` steps of each arm
 (worker start-up, cold page cache, allocator growth) are not counted.
@@ -54,7 +54,8 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 import bgrl_dgl  # noqa: F401  (sets the DGL backend)
 from bgrl_dgl import config as cfg
-from bgrl_dgl.loading.loader import BatchLoader, SampledBatch
+from bgrl_dgl.loading.loader import BatchLoader, SeedSchedule
+from bgrl_dgl.loading.sampler import SampledBatch
 from bgrl_dgl.model.adjacency import Adjacency
 from bgrl_dgl.store.reader import GraphStore
 from bgrl_dgl.training.config import TrainConfig
@@ -297,15 +298,19 @@ def main(argv: list[str] | None = None) -> int:
     total_steps = args.rounds * (args.warmup + args.steps) + 2 + 2 * args.profile_steps
     with tempfile.TemporaryDirectory(prefix="bench-train-") as run_dir:
         config = train_config(args, total_steps)
-        trainer = Trainer(config, store, Path(run_dir), torch.device("cpu"))
+        device = torch.device("cpu")
+        schedule = SeedSchedule.for_store(store, config.sampling, config.run.seed)
+        trainer = Trainer(config, store, schedule.steps_per_epoch, Path(run_dir), device)
+        loader = BatchLoader(store, config.sampling, schedule,
+                             independent_views=config.augment.independent_views, device=device)
         bgrl_step = bgrl_timings(trainer)
         supervised_step = SupervisedStep(store, int_list(args.hidden), args.seed)
         bgrl, supervised = ArmResult(), ArmResult()
         arms = [(bgrl_step, bgrl), (supervised_step, supervised)]
         for index in range(args.rounds):
             for step, result in arms[::-1] if index % 2 else arms:
-                run_arm(trainer.loader, step, args.warmup, args.steps, result)
-        batch, = trainer.loader.batches(0, 1)
+                run_arm(loader, step, args.warmup, args.steps, result)
+        batch, = loader.batches(0, 1)
         flops = {"bgrl": dense_gflops(bgrl_step, batch),
                  "supervised": dense_gflops(supervised_step, batch)}
         print_report(bgrl, supervised, flops)

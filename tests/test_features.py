@@ -14,6 +14,7 @@ import torch
 from conftest import REPO, assert_input_error, write_test_store
 
 from bgrl_dgl.cli import main
+from bgrl_dgl.config import section_from_dict
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.loading import feature_cache as features
 from bgrl_dgl.loading.feature_cache import (
@@ -22,9 +23,10 @@ from bgrl_dgl.loading.feature_cache import (
     count_sampled_inputs,
     default_cache_root,
     hot_nodes,
-    read_rows,
 )
-from bgrl_dgl.loading.loader import NeighborBatchSampler, SamplingConfig
+from bgrl_dgl.loading.features import FeatureSource, read_rows
+from bgrl_dgl.loading.loader import SamplingConfig
+from bgrl_dgl.loading.sampler import NeighborBatchSampler
 from bgrl_dgl.store.reader import GraphStore
 
 NUM_NODES, FEAT_DIM = 300, 8
@@ -154,7 +156,8 @@ def test_sampler_gathers_through_the_cache_and_counts_both_views(store, tmp_path
     with FeatureCache.build(store, 100 * ROW_BYTES, "sampled", fanouts=[4, 4],
                             root=tmp_path) as cache:
         cached_ids = np.flatnonzero(np.asarray(cache.slot_of) >= 0)
-        cached = NeighborBatchSampler(store, [4, 4], graph_degrees=False, cache=cache)
+        cached = NeighborBatchSampler(store, [4, 4], graph_degrees=False,
+                                      features=FeatureSource(store.features, cache))
         batch = cached.sample(seeds, rng_seed=9, independent=True)
     reference = plain.sample(seeds, rng_seed=9, independent=True)
     lookups = [0, 0]
@@ -187,7 +190,8 @@ def test_a_sampler_with_a_cache_reads_the_feature_file_without_read_around(store
     plain, cached = (GraphStore.open(store.path) for _ in range(2))
     NeighborBatchSampler(plain, [2], graph_degrees=False)
     with FeatureCache.build(store, 10 * ROW_BYTES, root=tmp_path) as cache:
-        NeighborBatchSampler(cached, [2], graph_degrees=False, cache=cache)
+        NeighborBatchSampler(cached, [2], graph_degrees=False,
+                             features=FeatureSource(cached.features, cache))
     assert "rr" in vm_flags(cached.features)  # MADV_RANDOM
     assert "rr" not in vm_flags(plain.features)
 
@@ -272,11 +276,13 @@ def test_a_dead_runs_cache_is_reused_and_removed_by_the_next_run(store, tmp_path
 
 # ---- configuration and training ------------------------------------------------------------
 def test_cache_bytes_accepts_sizes_and_byte_counts() -> None:
-    assert SamplingConfig(cache_bytes="2GB").cache_size == 2 << 30
-    assert SamplingConfig(cache_bytes=4096).cache_size == 4096
-    assert SamplingConfig().cache_size == 0 and SamplingConfig().cache_policy == "degree"
-    with pytest.raises(ValueError, match="cache_bytes: not a size: 'lots'"):
-        SamplingConfig(cache_bytes="lots")
+    def parsed(value: object) -> int:
+        return section_from_dict(SamplingConfig, {"cache_bytes": value}, "config.yaml").cache_bytes
+
+    assert parsed("2GB") == 2 << 30 and parsed(4096) == 4096 and parsed("4096") == 4096
+    assert SamplingConfig().cache_bytes == 0 and SamplingConfig().cache_policy == "degree"
+    with pytest.raises(InputError, match="cache_bytes"):
+        parsed("lots")
 
 
 TRAIN = ["--hidden", "16,16", "--predictor-hidden", "16", "--fanouts", "3,3", "--batch-size", "16",

@@ -13,7 +13,7 @@ import numpy as np, torch
 import bgrl_dgl
 from bgrl_dgl.store.writer import StoreWriter
 from bgrl_dgl.store.reader import GraphStore
-from bgrl_dgl.loading.loader import NeighborBatchSampler
+from bgrl_dgl.loading.sampler import NeighborBatchSampler
 rng = np.random.default_rng(0)
 with StoreWriter(r"{out}") as writer:
     edges = (rng.integers(0, 50, 400), rng.integers(0, 50, 400))

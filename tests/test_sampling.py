@@ -14,14 +14,12 @@ from conftest import write_test_store
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.loading.loader import (
     BatchLoader,
-    NeighborBatchSampler,
-    SampledBatch,
-    SampledView,
     SamplingConfig,
-    batch_rng_seed,
+    SeedSchedule,
     epoch_permutation,
     resolve_seed_nodes,
 )
+from bgrl_dgl.loading.sampler import NeighborBatchSampler, SampledBatch, SampledView, batch_rng_seed
 from bgrl_dgl.store.reader import GraphStore
 
 NUM_NODES, FEAT_DIM = 150, 6
@@ -62,8 +60,9 @@ def make_loader(store: GraphStore, num_seeds: int, batch_size: int, *, rank: int
                 world_size: int = 1, num_workers: int = 0,
                 independent: bool = False) -> BatchLoader:
     config = SamplingConfig(fanouts=[4, 6], batch_size=batch_size, num_workers=num_workers)
-    return BatchLoader(store, config, np.arange(num_seeds, dtype=np.int64), seed=7,
-                       independent_views=independent, rank=rank, world_size=world_size)
+    schedule = SeedSchedule(np.arange(num_seeds, dtype=np.int64), batch_size, seed=7, rank=rank,
+                            world_size=world_size)
+    return BatchLoader(store, config, schedule, independent_views=independent)
 
 
 def in_neighbours(store: GraphStore, node: int) -> np.ndarray:
@@ -89,8 +88,8 @@ def test_batch_rng_seed_is_a_fixed_31_bit_seed_per_batch() -> None:
 @pytest.mark.parametrize("epoch", [0, 1])
 def test_two_ranks_cover_every_seed_once_in_the_same_number_of_steps(store, epoch) -> None:
     ranks = [make_loader(store, 101, 8, rank=r, world_size=2) for r in range(2)]
-    batches = [loader.batch_positions(epoch) for loader in ranks]
-    assert ranks[0].steps_per_epoch == ranks[1].steps_per_epoch == 7
+    batches = [loader.schedule.batch_positions(epoch) for loader in ranks]
+    assert ranks[0].schedule.steps_per_epoch == ranks[1].schedule.steps_per_epoch == 7
     assert len(batches[0]) == len(batches[1]) == 7
     for mine, theirs in zip(*batches):
         assert 0 < len(mine) <= 8 and 0 < len(theirs) <= 8
@@ -98,19 +97,22 @@ def test_two_ranks_cover_every_seed_once_in_the_same_number_of_steps(store, epoc
     seen = [np.concatenate(b) for b in batches]
     assert not set(seen[0]) & set(seen[1])
     assert np.array_equal(np.sort(np.concatenate(seen)), np.arange(101))
-    assert not np.array_equal(seen[0], np.concatenate(ranks[0].batch_positions(1 - epoch)))
+    assert not np.array_equal(seen[0], np.concatenate(ranks[0].schedule.batch_positions(1 - epoch)))
 
 
 def test_a_short_last_batch_is_balanced_not_a_single_seed(store) -> None:
     """257 seeds in batches of 256: two batches of 129 and 128, not 256 and 1 (batch
     normalisation cannot train on one seed)."""
-    sizes = [len(b) for b in make_loader(store, 257, 256).batch_positions(0)]
+    sizes = [len(b) for b in make_loader(store, 257, 256).schedule.batch_positions(0)]
     assert sorted(sizes) == [128, 129]
 
 
-def test_too_few_seeds_for_the_processes_is_an_input_error(store) -> None:
+def test_too_few_seeds_for_the_processes_is_an_input_error(store, tmp_path) -> None:
+    ids = tmp_path / "three.npy"
+    np.save(ids, np.arange(3, dtype=np.int64))
+    config = SamplingConfig(batch_size=8, seeds=str(ids))
     with pytest.raises(InputError, match="cannot feed 4 processes"):
-        make_loader(store, 3, 8, world_size=4)
+        SeedSchedule.for_store(store, config, seed=7, rank=0, world_size=4)
 
 
 # ---- seed specifications -----------------------------------------------------------------
@@ -286,7 +288,7 @@ def test_workers_give_the_batches_of_the_training_process_and_survive_ctrl_c(sto
     def loader(num_workers: int) -> BatchLoader:
         return make_loader(store, 120, 32, num_workers=num_workers, independent=True)
 
-    assert loader(0).steps_per_epoch == 4
+    assert loader(0).schedule.steps_per_epoch == 4
     in_process = list(loader(0).batches(2, 8))
     from_start = list(loader(0).batches(0, 8))
     assert len(in_process) == 6
@@ -295,7 +297,7 @@ def test_workers_give_the_batches_of_the_training_process_and_survive_ctrl_c(sto
     assert not torch.equal(in_process[0].seeds, in_process[4].seeds)
     for step, batch in enumerate(in_process, start=2):
         epoch, index = divmod(step, 4)
-        positions = loader(0).batch_positions(epoch)[index]
+        positions = loader(0).schedule.batch_positions(epoch)[index]
         assert np.array_equal(batch.seeds.numpy(), np.arange(120)[positions])
 
     global_rng = torch.get_rng_state()

@@ -19,7 +19,9 @@ from ogb_fixtures import (
 
 from bgrl_dgl.cli import main
 from bgrl_dgl.errors import InputError
-from bgrl_dgl.sources.ogb import NpzMember, load_torch_file, ogbn_dataset, read_splits
+from bgrl_dgl.sources.npz_members import NpzMember
+from bgrl_dgl.sources.ogb import ogbn_dataset, read_splits
+from bgrl_dgl.sources.safe_pickle import load_torch_file
 from bgrl_dgl.store.reader import GraphStore
 
 

@@ -17,7 +17,8 @@ import torch
 from conftest import REPO, assert_input_error
 
 from bgrl_dgl.errors import InputError
-from bgrl_dgl.store.reader import GraphStore, NpyWriter
+from bgrl_dgl.store.format import NpyWriter
+from bgrl_dgl.store.reader import GraphStore
 from bgrl_dgl.store.writer import StoreWriter
 
 NUM_NODES = 60

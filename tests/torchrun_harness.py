@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from bgrl_dgl.cli import main
+from bgrl_dgl.training import checkpoint as checkpoint_module
 from bgrl_dgl.training import trainer as train_module
 
 RANK = int(os.environ.get("RANK", "0"))
@@ -36,7 +37,7 @@ def instrument() -> None:
     perturb_at = fault("BGRL_TEST_PERTURB")
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     original_step, original_fit = train_module.Trainer.train_step, train_module.Trainer.fit
-    original_save = train_module.save_checkpoint
+    original_save = checkpoint_module.save_checkpoint
 
     def train_step(self, batch):
         metrics = original_step(self, batch)
@@ -50,8 +51,8 @@ def instrument() -> None:
                 next(self.model.target.parameters()).add_(1e-3)
         return metrics
 
-    def fit(self):
-        metrics = original_fit(self)
+    def fit(self, loader):
+        metrics = original_fit(self, loader)
         torch.save({"model": self.model.state_dict(), "seeds": seeds,
                     "restart_count": self.world.restart_count},
                    RECORDS / f"final-rank{RANK}.pt")
@@ -64,7 +65,7 @@ def instrument() -> None:
 
     train_module.Trainer.train_step = train_step
     train_module.Trainer.fit = fit
-    train_module.save_checkpoint = save_checkpoint
+    checkpoint_module.save_checkpoint = save_checkpoint
 
 
 if __name__ == "__main__":

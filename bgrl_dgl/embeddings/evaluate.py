@@ -14,8 +14,8 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 
-from bgrl_dgl.embeddings.export import open_export, read_embeddings
 from bgrl_dgl.embeddings.layerwise import embed_store
+from bgrl_dgl.embeddings.parquet import open_export, read_embeddings
 from bgrl_dgl.embeddings.probe import ProbeSummary, linear_probe, random_split_probe, summarize
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.runs import EncoderName, load_encoder, load_run_config

@@ -1,19 +1,4 @@
-"""Node embeddings as a Parquet dataset: writing them (``embed``), reading and probing them
-(``evaluate``).
-
-An export is a directory::
-
-    part-00000.parquet ...  node_id int64, node_type dictionary<string> (stores with node
-                            types only), embedding fixed_size_list<float32|float16>[D];
-                            zstd, row groups of about 64 MB; rows in store-index order
-    _inputs.json            what the export is of (store, encoder, checkpoint, options),
-                            written before any part
-    _manifest.json          the inputs plus every part's row range, size and sha256
-    _SUCCESS                empty; written last: the export is complete
-
-``node_id`` is the node's original id where the store keeps ``orig_ids`` (the ``parquet``
-source), else its store index. The underscore files are skipped by ``pyarrow.dataset`` and
-pandas, so ``pandas.read_parquet(OUT)`` reads the embeddings alone.
+"""``embed``: node embeddings of a store written as a Parquet dataset (format: parquet.py).
 
 Part ``p`` holds rows ``[p * rows_per_part, (p + 1) * rows_per_part)`` of the exported nodes
 (all nodes, or the ``--nodes`` subset, ascending). Its content depends only on the inputs
@@ -39,25 +24,33 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-import torch
 
 from bgrl_dgl import config as cfg
-from bgrl_dgl.embeddings.layerwise import embed_store
+from bgrl_dgl.embeddings.parquet import (
+    DTYPES,
+    FORMAT,
+    INPUTS_FILE,
+    MANIFEST_FILE,
+    PART_NAME,
+    SUCCESS_FILE,
+    PartLayout,
+    embedding_schema,
+    part_is_complete,
+    part_name,
+    write_part,
+)
+from bgrl_dgl.embeddings.sampled import InferenceOptions, check_fanouts, compute_parts
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.io import (
     TEMP_NAME,
-    atomic_path,
     file_sha256,
     read_json,
     remove_stale_temp_files,
@@ -65,73 +58,9 @@ from bgrl_dgl.io import (
     temp_prefix,
     write_atomic,
 )
-from bgrl_dgl.loading.loader import NeighborBatchSampler, batch_rng_seed
-from bgrl_dgl.model.encoder import Encoder
 from bgrl_dgl.runs import RunEncoder, load_encoder
 from bgrl_dgl.store.reader import GraphStore, read_node_ids
 from bgrl_dgl.training.distributed import World, process_device
-
-FORMAT = "bgrl-dgl-embeddings/1"
-INPUTS_FILE = "_inputs.json"
-MANIFEST_FILE = "_manifest.json"
-SUCCESS_FILE = "_SUCCESS"
-PART_NAME = re.compile(r"part-(\d{5,})\.parquet")
-ROW_GROUP_BYTES = 64 << 20
-ROW_GROUPS_PER_PART = 4
-DTYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
-
-
-def part_name(index: int) -> str:
-    return f"part-{index:05d}.parquet"
-
-
-# ---- what is exported ----------------------------------------------------------------------
-@dataclass(frozen=True)
-class PartLayout:
-    """How the exported rows (all nodes, or the ascending store indices ``nodes``) are cut
-    into parts and row groups."""
-
-    num_rows: int
-    nodes: np.ndarray | None
-    rows_per_part: int
-    row_group_rows: int
-
-    @classmethod
-    def plan(cls, num_nodes: int, nodes: np.ndarray | None, row_bytes: int,
-             rows_per_part: int | None) -> "PartLayout":
-        """Row groups of about ROW_GROUP_BYTES (``row_bytes`` per row), ROW_GROUPS_PER_PART
-        of them per part unless ``rows_per_part`` is given."""
-        if rows_per_part is not None and rows_per_part < 1:
-            raise InputError(None, f"--rows-per-part must be positive, got {rows_per_part}")
-        group = max(1, ROW_GROUP_BYTES // row_bytes)
-        per_part = rows_per_part or ROW_GROUPS_PER_PART * group
-        return cls(num_nodes if nodes is None else nodes.size, nodes, per_part, min(group, per_part))
-
-    @property
-    def num_parts(self) -> int:
-        return -(-self.num_rows // self.rows_per_part)
-
-    def rows(self, part: int) -> tuple[int, int]:
-        """[start, end) rows of ``part``."""
-        start = part * self.rows_per_part
-        return start, min(start + self.rows_per_part, self.num_rows)
-
-    def node_ids(self, part: int) -> np.ndarray:
-        """Store indices [rows] int64 of the rows of ``part``, ascending."""
-        start, end = self.rows(part)
-        return np.arange(start, end, dtype=np.int64) if self.nodes is None else self.nodes[start:end]
-
-    def rank_parts(self, rank: int, world_size: int) -> list[int]:
-        """Rank ``rank``'s block of consecutive parts."""
-        return [int(p) for p in np.array_split(np.arange(self.num_parts), world_size)[rank]]
-
-
-def embedding_schema(dim: int, dtype: str, node_types: bool) -> pa.Schema:
-    fields = [pa.field("node_id", pa.int64(), nullable=False)]
-    if node_types:
-        fields.append(pa.field("node_type", pa.dictionary(pa.int32(), pa.string())))
-    fields.append(pa.field("embedding", pa.list_(DTYPES[dtype][1], dim), nullable=False))
-    return pa.schema(fields)
 
 
 def export_inputs(store: GraphStore, source: RunEncoder, which: str, dtype: str,
@@ -210,100 +139,6 @@ def publish_inputs(out: Path, inputs: dict[str, Any]) -> None:
             raise InputError(out, "another process is writing an export of other inputs here") from None
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def part_is_complete(path: Path, rows: int, schema: pa.Schema) -> bool:
-    """Whether ``path`` is a readable part of ``rows`` rows with ``schema``."""
-    try:
-        metadata = pq.read_metadata(path)
-        return metadata.num_rows == rows and metadata.schema.to_arrow_schema().equals(schema)
-    except (OSError, pa.ArrowException):
-        return False
-
-
-# ---- computing and writing -----------------------------------------------------------------
-@dataclass(frozen=True)
-class InferenceOptions:
-    """How embeddings are computed: exact layer-wise, or sampled with ``fanouts``."""
-
-    batch_size: int = 4096
-    device: str = "auto"
-    fanouts: list[int] | None = None
-    seed: int = 0
-
-
-def sampled_embeddings(encoder: Encoder, sampler: NeighborBatchSampler, nodes: np.ndarray,
-                       out: np.ndarray, batch_size: int, seed: int, stream: int,
-                       device: torch.device) -> None:
-    """The encoder over neighbour-sampled blocks of ``nodes`` [M] into ``out`` [M, D].
-
-    Batch ``j`` is sampled with the seed of (``seed``, ``stream``, ``j``), so the result for
-    a stream of nodes (a part) does not depend on what else is computed.
-    """
-    import dgl
-
-    with torch.no_grad():
-        for j, start in enumerate(range(0, nodes.size, batch_size)):
-            dgl.seed(batch_rng_seed(seed, stream, j))
-            view, _, _ = sampler.sample_view(torch.from_numpy(nodes[start:start + batch_size]))
-            view = view.to(device)
-            out[start:start + batch_size] = encoder(view.adjs, view.features).cpu().numpy()
-
-
-def compute_parts(encoder: Encoder, store: GraphStore, layout: PartLayout, parts: list[int],
-                  out: np.ndarray, options: InferenceOptions, scratch: Path,
-                  sampling_degrees: bool, device: torch.device) -> None:
-    """Embeddings of the rows of ``parts`` (ascending), one after another, into ``out``."""
-    encoder = encoder.to(device)
-    if options.fanouts is None:
-        everything = layout.nodes is None and len(parts) == layout.num_parts
-        nodes = None if everything else np.concatenate([layout.node_ids(p) for p in parts])
-        embed_store(encoder, store, batch_size=options.batch_size, device=device,
-                    scratch_dir=scratch, out=out, nodes=nodes)
-        return
-    sampler = NeighborBatchSampler(store, options.fanouts, sampling_degrees)
-    offset = 0
-    for part in parts:
-        nodes = layout.node_ids(part)
-        sampled_embeddings(encoder, sampler, nodes, out[offset:offset + nodes.size],
-                           options.batch_size, options.seed, part, device)
-        offset += nodes.size
-
-
-def node_type_codes(store: GraphStore, nodes: np.ndarray) -> pa.DictionaryArray:
-    """The type of each node [n] as a dictionary array (null outside every type's range)."""
-    names = list(store.node_types)
-    codes = np.full(nodes.size, -1, dtype=np.int32)
-    for code, name in enumerate(names):
-        start, end = store.node_types[name]
-        codes[(nodes >= start) & (nodes < end)] = code
-    return pa.DictionaryArray.from_arrays(pa.array(codes, mask=codes < 0),
-                                          pa.array(names, pa.string()))
-
-
-def row_group_table(store: GraphStore, nodes: np.ndarray, rows: np.ndarray,
-                    schema: pa.Schema) -> pa.Table:
-    """One row group: store indices ``nodes`` [n] and their embeddings ``rows`` [n, D]."""
-    node_id = nodes if store.orig_ids is None else np.asarray(store.orig_ids[nodes])
-    columns = [pa.array(node_id, pa.int64())]
-    if "node_type" in schema.names:
-        columns.append(node_type_codes(store, nodes))
-    values = pa.array(np.ascontiguousarray(rows).reshape(-1))
-    columns.append(pa.FixedSizeListArray.from_arrays(values, rows.shape[1]))
-    return pa.Table.from_arrays(columns, schema=schema)
-
-
-def write_part(path: Path, store: GraphStore, nodes: np.ndarray, rows: np.ndarray,
-               schema: pa.Schema, row_group_rows: int) -> None:
-    """Write one part to ``path`` through a temp file renamed once complete and on disk."""
-    dictionary = ["node_type"] if "node_type" in schema.names else False
-    with atomic_path(path) as tmp:
-        with pq.ParquetWriter(tmp, schema, compression="zstd", use_dictionary=dictionary,
-                              write_statistics=["node_id"]) as writer:
-            for start in range(0, nodes.size, row_group_rows):
-                end = min(start + row_group_rows, nodes.size)
-                writer.write_table(row_group_table(store, nodes[start:end], rows[start:end], schema),
-                                   row_group_size=end - start)
 
 
 def finish_if_complete(out: Path, inputs: dict[str, Any], layout: PartLayout) -> bool:
@@ -414,82 +249,5 @@ def export_embeddings(out: str | os.PathLike, *, run: str | os.PathLike | None =
     return ExportResult(out, layout.num_rows, dim, dtype, missing,
                         [p for p in mine if p not in missing], layout.num_parts, complete,
                         world.rank, world.world_size)
-
-
-def check_fanouts(fanouts: list[int] | None, num_layers: int) -> None:
-    if fanouts is None:
-        return
-    if len(fanouts) != num_layers or any(f == 0 or f < -1 for f in fanouts):
-        raise InputError(None, f"--fanouts needs {num_layers} positive counts (or -1 = all), "
-                               f"one per encoder layer, got {','.join(map(str, fanouts))}")
-
-
-# ---- reading and probing -------------------------------------------------------------------
-def open_export(out: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of the complete export ``out``."""
-    out = Path(out)
-    if not out.is_dir():
-        raise InputError(out, "no such embedding export")
-    if not (out / SUCCESS_FILE).exists():
-        raise InputError(out, "not a complete embedding export (no _SUCCESS); finish it with "
-                              "`bgrl-dgl embed`")
-    manifest = read_json(out / MANIFEST_FILE)
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise InputError(out / MANIFEST_FILE, f"not a {FORMAT} manifest")
-    return manifest
-
-
-def iter_row_groups(out: Path, manifest: dict[str, Any], lowest: int,
-                    highest: int) -> Iterator[pa.Table]:
-    """node_id and embedding of every row group whose node_id range meets [lowest, highest]."""
-    for part in manifest["parts"]:
-        path = out / part["file"]
-        try:
-            with pq.ParquetFile(path) as file:
-                for index in range(file.num_row_groups):
-                    stats = file.metadata.row_group(index).column(0).statistics
-                    if stats is not None and stats.has_min_max and (
-                            stats.max < lowest or stats.min > highest):
-                        continue
-                    yield file.read_row_group(index, columns=["node_id", "embedding"])
-        except (OSError, pa.ArrowException) as err:
-            raise InputError(path, f"cannot read Parquet data: {err}") from None
-
-
-def read_embeddings(out: str | os.PathLike, manifest: dict[str, Any], store: GraphStore,
-                    nodes: np.ndarray) -> np.ndarray:
-    """Embeddings [M, D] float32 of the store indices ``nodes`` [M], read from the export.
-
-    Only the node_id and embedding columns are read; the rows of other nodes are dropped
-    batch by batch. InputError unless every node appears exactly once.
-    """
-    out = Path(out)
-    if manifest["node_id"] == "orig_ids" and store.orig_ids is None:
-        raise InputError(store.path, "has no original node ids, but the export is keyed by them")
-    keys = nodes if manifest["node_id"] == "store_index" else np.asarray(store.orig_ids[nodes])
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
-    result = np.zeros((nodes.size, int(manifest["dim"])), dtype=np.float32)
-    found = np.zeros(nodes.size, dtype=bool)
-    if nodes.size == 0:
-        return result
-    for table in iter_row_groups(out, manifest, int(sorted_keys[0]), int(sorted_keys[-1])):
-        ids = table.column("node_id").to_numpy()
-        slot = np.minimum(np.searchsorted(sorted_keys, ids), nodes.size - 1)
-        hit = sorted_keys[slot] == ids
-        if not hit.any():
-            continue
-        rows = order[slot[hit]]
-        if found[rows].any() or np.unique(rows).size != rows.size:
-            raise InputError(out, "holds the embedding of some node more than once")
-        embedding = table.column("embedding").combine_chunks()
-        values = embedding.flatten().to_numpy(zero_copy_only=False).reshape(len(embedding), -1)
-        result[rows] = values[hit]
-        found[rows] = True
-    if not found.all():
-        missing = int(keys[np.flatnonzero(~found)[0]])
-        raise InputError(out, f"has no embedding for {int((~found).sum())} of the {nodes.size} "
-                              f"nodes needed (e.g. node {missing})")
-    return result
 
 

@@ -48,7 +48,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import mmap
 import os
 import shutil
 import tempfile
@@ -61,7 +60,8 @@ import torch
 
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.io import process_alive, remove_stale_temp_files, temp_path, write_atomic
-from bgrl_dgl.store.reader import NpyWriter
+from bgrl_dgl.loading.sampler import BlockSampler
+from bgrl_dgl.store.format import NpyWriter
 
 if TYPE_CHECKING:
     from bgrl_dgl.loading.loader import SamplingConfig
@@ -82,26 +82,6 @@ def default_cache_root() -> Path:
     return shm if shm.is_dir() else Path(tempfile.gettempdir())
 
 
-def read_rows(features: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Rows ``ids`` [n] of the (memory-mapped) feature matrix [N, F]: [n, F] in its dtype
-    (for a GPU, float16 stays float16 until it gets there, halving the bytes to copy).
-
-    Rows are read in ascending id order, which turns random reads of the mmap into a forward
-    scan, then put back in the requested order.
-    """
-    order = np.argsort(ids, kind="stable")
-    rows = np.empty((len(ids), features.shape[1]), dtype=features.dtype)
-    rows[order] = features[ids[order]]
-    return rows
-
-
-def advise_random_reads(features: np.ndarray) -> None:
-    """Make page faults on the memory-mapped ``features`` read only the page they need
-    (``MADV_RANDOM``: no read-around); arrays that are not memory maps are left alone."""
-    if isinstance(features.base, mmap.mmap):
-        features.base.madvise(mmap.MADV_RANDOM)
-
-
 def top_nodes(scores: np.ndarray, count: int) -> np.ndarray:
     """Ids of the ``count`` highest ``scores`` [N], ascending: [min(count, N)] int64."""
     if count >= len(scores):
@@ -117,21 +97,13 @@ def count_sampled_inputs(graph: dgl.DGLGraph, fanouts: list[int], seed_nodes: np
     Each batch's seeds are drawn from ``seed_nodes`` at random (repeats dropped), so no
     permutation of a possibly huge seed array is needed.
     """
-    from bgrl_dgl.loading.loader import one_omp_thread  # sampling imports this module
-
-    # DGL 2.1.0's fused sampler corrupts the blocks of int32 graphs (see sampling.py).
-    sampler = dgl.dataloading.NeighborSampler(list(fanouts), fused=False)
+    sampler = BlockSampler(graph, fanouts)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xCAC4E]))
     inputs = []
-    # Single-threaded like the training batches: dgl.seed under several OpenMP threads
-    # changes what every later batch of this process samples from its own seed.
-    with one_omp_thread():
-        dgl.seed(int(rng.integers(2**31)))
-        for _ in range(num_batches):
-            seeds = np.unique(seed_nodes[rng.integers(0, len(seed_nodes), size=batch_size)])
-            seeds = torch.from_numpy(seeds).to(graph.idtype)
-            input_nodes, _, _ = sampler.sample_blocks(graph, seeds)
-            inputs.append(input_nodes.numpy())
+    for _ in range(num_batches):
+        seeds = np.unique(seed_nodes[rng.integers(0, len(seed_nodes), size=batch_size)])
+        input_nodes, _ = sampler.sample(torch.from_numpy(seeds), int(rng.integers(2**31)))
+        inputs.append(input_nodes.numpy())
     return np.bincount(np.concatenate(inputs), minlength=graph.num_nodes())
 
 
@@ -326,7 +298,7 @@ def training_cache(store: "GraphStore", config: "SamplingConfig", seed_nodes: np
                    seed: int) -> Iterator[FeatureCache | None]:
     """The feature cache of a training run (None when ``config.cache_bytes`` is 0), closed
     (and removed, if this process wrote it) when the run ends."""
-    budget = config.cache_size
+    budget = config.cache_bytes
     if budget == 0:
         yield None
         return

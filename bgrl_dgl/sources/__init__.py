@@ -1,7 +1,7 @@
 """Graph sources for ``bgrl-dgl prepare SOURCE``.
 
 Each module in this package defines ``SOURCE``, a :class:`Source`: its command-line options
-and a ``build`` function that streams the graph into a :class:`~bgrl_dgl.store.reader.writer.StoreWriter`
+and a ``build`` function that streams the graph into a :class:`~bgrl_dgl.store.writer.StoreWriter`
 (topology, features, labels, splits, original ids). The writer validates and commits; a
 source only reads its input and raises :class:`~bgrl_dgl.errors.InputError` on bad input.
 """
@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import importlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import numpy as np
 
 if TYPE_CHECKING:
-    from bgrl_dgl.store.reader.writer import StoreWriter
+    from bgrl_dgl.store.writer import StoreWriter
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,9 @@ class Source:
 
 
 # Topology defaults for citation-style graphs, which GNNs treat as undirected.
+# (src, dst) id arrays, chunk after chunk: how sources hand edges to the store writer.
+EdgeChunks = Iterator[tuple[np.ndarray, np.ndarray]]
+
 UNDIRECTED = {"symmetrize": True, "self_loops": "remove", "dedup": True}
 
 

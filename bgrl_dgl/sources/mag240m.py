@@ -25,7 +25,7 @@ missing, downloads when the directory is missing, and unpickles ``meta.pt`` and
 which ``torch.load(weights_only=True)`` rejects in torch 2.2.1. So :class:`LocalMAG240MDataset`
 replaces that constructor: it checks every file it will read first (an
 :class:`~bgrl_dgl.errors.InputError` names the missing one), loads both ``.pt`` files with
-:func:`~bgrl_dgl.sources.ogb.load_torch_file` (tensors, numpy arrays, numbers and containers
+:func:`~bgrl_dgl.sources.safe_pickle.load_torch_file` (tensors, numpy arrays, numbers and containers
 only) and splits the test set with ogb's own ``split_test``; paths, relation names and the
 memory-mapped ``paper_feat``/``paper_label`` come from the package class. Edge files are
 memory-mapped and read in chunks; the package's ``edge_index()`` would load each whole
@@ -48,8 +48,9 @@ from ogb.lsc.mag240m import MAG240MDataset
 from ogb.lsc.utils import split_test
 
 from bgrl_dgl.errors import InputError
-from bgrl_dgl.sources import UNDIRECTED, Source
-from bgrl_dgl.sources.ogb import EDGE_ROW_BYTES, as_node_ids, class_ids, load_torch_file
+from bgrl_dgl.sources import UNDIRECTED, EdgeChunks, Source
+from bgrl_dgl.sources.ogb import EDGE_ROW_BYTES, class_ids
+from bgrl_dgl.sources.safe_pickle import as_node_ids, load_torch_file
 
 PAPER_RELATION = ("paper", "paper")
 AUTHOR_RELATIONS = (("author", "paper"), ("author", "institution"))
@@ -60,7 +61,6 @@ WRITTEN_SPLITS = ("train", "valid", "test-dev", "test-challenge")
 BLOCK_CHUNK_SHARES = 4
 
 Ranges = dict[str, tuple[int, int]]
-EdgeChunks = Iterator[tuple[np.ndarray, np.ndarray]]
 
 
 class LocalMAG240MDataset(MAG240MDataset):

@@ -27,28 +27,32 @@ metadata comes from the package's ``master.csv``, and ``split_dict.pt`` is read 
 from __future__ import annotations
 
 import argparse
-import codecs
-import contextlib
 import csv
 import gzip
 import importlib.util
-import types
 import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
-import torch
 
 from bgrl_dgl.errors import InputError
-from bgrl_dgl.sources import UNDIRECTED, Source
-from bgrl_dgl.sources.safe_pickle import RestrictedUnpickler
+from bgrl_dgl.sources import UNDIRECTED, EdgeChunks, Source
+from bgrl_dgl.sources.npz_members import NpzMember
+from bgrl_dgl.sources.safe_pickle import (
+    _TORCH_FILE_PICKLE,
+    TorchFileUnpickler,
+    _restricted_load,
+    as_node_ids,
+    load_torch_file,
+)
+from bgrl_dgl.splits import SPLIT_NAMES
 
 OGBN_NAMES = ("ogbn-arxiv", "ogbn-products", "ogbn-papers100M")
-SPLIT_NAMES = ("train", "valid", "test")
+
 CSV_GRAPH_FILES = ("edge.csv.gz", "num-node-list.csv.gz", "num-edge-list.csv.gz",
                    "node-feat.csv.gz", "node-label.csv.gz")
 BINARY_GRAPH_FILES = ("data.npz", "node-label.npz")
@@ -58,64 +62,13 @@ EDGE_ROW_BYTES = 32
 # Working bytes per feature value while a CSV chunk is parsed (text and float64 buffers).
 CSV_FEATURE_VALUE_BYTES = 24
 
-EdgeChunks = Iterator[tuple[np.ndarray, np.ndarray]]
 
 
 # --- torch files ------------------------------------------------------------------------------
 
-class TorchFileUnpickler(RestrictedUnpickler):
-    """:class:`~bgrl_dgl.sources.safe_pickle.RestrictedUnpickler` plus what ``torch.save`` writes around
-    tensors and numpy arrays: tensor rebuilding (storages are resolved by ``torch.load``
-    itself) and ``_codecs.encode``, which pickle protocol 2 uses for raw bytes."""
 
-    TORCH_GLOBALS = {
-        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-        ("_codecs", "encode"): codecs.encode,
-    }
-
-    def find_class(self, module: str, name: str) -> object:
-        found = self.TORCH_GLOBALS.get((module, name))
-        return found if found is not None else super().find_class(module, name)
-
-
-def _restricted_load(file: IO[bytes], **kwargs: Any) -> object:
-    return TorchFileUnpickler(file, **kwargs).load()
-
-
-# torch.load(pickle_module=...) subclasses `Unpickler` (keeping find_class) and calls `load`;
-# it passes its extra keyword arguments (here `path`, for error messages) on to both.
-_TORCH_FILE_PICKLE = types.ModuleType("torch_file_pickle")
 _TORCH_FILE_PICKLE.Unpickler = TorchFileUnpickler  # type: ignore[attr-defined]
 _TORCH_FILE_PICKLE.load = _restricted_load  # type: ignore[attr-defined]
-
-
-def load_torch_file(path: Path) -> object:
-    """``torch.load`` a file of dicts/lists of tensors, numpy arrays and numbers, on CPU.
-
-    ``torch.load(weights_only=True)`` in torch 2.2.1 rejects numpy arrays, which OGB's
-    ``split_dict.pt`` files hold, so :class:`TorchFileUnpickler` decides what may be built.
-    """
-    try:
-        return torch.load(path, map_location="cpu", pickle_module=_TORCH_FILE_PICKLE,
-                          weights_only=False, path=path)
-    except InputError:
-        raise
-    except Exception as err:  # noqa: BLE001 - any failure to decode the file is bad input
-        raise InputError(path, f"cannot load torch file: {type(err).__name__}: {err}") from None
-
-
-def as_node_ids(value: object, path: Path, what: str) -> np.ndarray:
-    """A 1-D integer tensor or array (e.g. one split of a split dict) -> int64 [n] numpy."""
-    array = value.numpy() if isinstance(value, torch.Tensor) else value
-    if not isinstance(array, np.ndarray) or array.ndim != 1 or array.dtype.kind not in "iu":
-        raise InputError(path, f"{what} must be a 1-D integer array, got {_describe(value)}")
-    return array.astype(np.int64)
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, (np.ndarray, torch.Tensor)):
-        return f"{type(value).__name__} of shape {tuple(value.shape)} and dtype {value.dtype}"
-    return type(value).__name__
 
 
 # --- labels ------------------------------------------------------------------------------------
@@ -141,105 +94,6 @@ def class_ids(values: np.ndarray, path: Path) -> np.ndarray:
 
 
 # --- npz members read as streams ---------------------------------------------------------------
-
-@dataclass(frozen=True)
-class NpzMember:
-    """One array of an ``.npz`` archive, read front to back without loading it whole.
-
-    ``np.load`` decompresses a member entirely on access; OGB writes ``data.npz`` with
-    ``np.savez_compressed``, and papers100M's ``node_feat`` alone is ~57 GB.
-    """
-
-    path: Path
-    key: str
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    fortran_order: bool
-
-    @classmethod
-    def open(cls, path: Path, key: str) -> "NpzMember":
-        """Read the ``.npy`` header of member ``key``; InputError if absent or unreadable."""
-        with _member_stream(path, key) as stream:
-            shape, fortran_order, dtype = _read_npy_header(stream, path, key)
-        return cls(path, key, shape, dtype, fortran_order)
-
-    def row_chunks(self, rows: int) -> Iterator[np.ndarray]:
-        """C-ordered [n, ...] array -> consecutive [<=rows, ...] chunks (read-only)."""
-        if self.fortran_order and len(self.shape) > 1:
-            raise InputError(self.path, f"array {self.key!r} is Fortran-ordered; "
-                                        f"re-save it in C order to read it row by row")
-        row_values = int(np.prod(self.shape[1:], dtype=np.int64))
-        with _member_stream(self.path, self.key) as stream:
-            _read_npy_header(stream, self.path, self.key)
-            for start in range(0, self.shape[0], rows):
-                count = min(rows, self.shape[0] - start)
-                values = self._read(stream, count * row_values)
-                yield values.reshape((count, *self.shape[1:]))
-
-    def pair_chunks(self, rows: int) -> EdgeChunks:
-        """[2, E] array -> (row 0, row 1) chunks of <= rows columns each."""
-        if len(self.shape) != 2 or self.shape[0] != 2:
-            raise InputError(self.path, f"array {self.key!r} must have shape [2, E], "
-                                        f"got {list(self.shape)}")
-        num_pairs = self.shape[1]
-        with _member_stream(self.path, self.key) as first, \
-                _member_stream(self.path, self.key) as second:
-            _read_npy_header(first, self.path, self.key)
-            _read_npy_header(second, self.path, self.key)
-            if not self.fortran_order:
-                second.seek(second.tell() + num_pairs * self.dtype.itemsize)
-            for start in range(0, num_pairs, rows):
-                count = min(rows, num_pairs - start)
-                if self.fortran_order:  # column-major [2, E]: pairs are interleaved
-                    pairs = self._read(first, 2 * count).reshape(count, 2)
-                    yield pairs[:, 0], pairs[:, 1]
-                else:
-                    yield self._read(first, count), self._read(second, count)
-
-    def _read(self, stream: IO[bytes], count: int) -> np.ndarray:
-        nbytes = count * self.dtype.itemsize
-        data = _read_or_fail(stream, nbytes, self.path, self.key)
-        if len(data) != nbytes:
-            raise InputError(self.path, f"array {self.key!r} is truncated")
-        values = np.frombuffer(data, dtype=self.dtype)
-        return values.astype(self.dtype.newbyteorder("="), copy=False)
-
-
-@contextlib.contextmanager
-def _member_stream(path: Path, key: str) -> Iterator[IO[bytes]]:
-    try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as err:
-        raise InputError(path, f"not a readable .npz archive: {err}") from None
-    with archive:
-        try:
-            stream = archive.open(f"{key}.npy")
-        except KeyError:
-            names = ", ".join(name.removesuffix(".npy") for name in archive.namelist())
-            raise InputError(path, f"has no array {key!r} (arrays: {names})") from None
-        with stream:
-            yield stream
-
-
-def _read_npy_header(stream: IO[bytes], path: Path, key: str
-                     ) -> tuple[tuple[int, ...], bool, np.dtype]:
-    readers = {(1, 0): np.lib.format.read_array_header_1_0,
-               (2, 0): np.lib.format.read_array_header_2_0}
-    try:
-        version = np.lib.format.read_magic(stream)
-        shape, fortran_order, dtype = readers[version](stream)
-    except (ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as err:
-        raise InputError(path, f"array {key!r} has no readable .npy header: {err}") from None
-    if dtype.hasobject:
-        raise InputError(path, f"array {key!r} holds Python objects, which are not loaded")
-    return tuple(shape), fortran_order, dtype
-
-
-def _read_or_fail(stream: IO[bytes], nbytes: int, path: Path, key: str) -> bytes:
-    try:
-        return stream.read(nbytes)
-    except (zipfile.BadZipFile, zlib.error, EOFError) as err:
-        raise InputError(path, f"array {key!r} is corrupt: {err}") from None
 
 
 # --- dataset metadata and files ----------------------------------------------------------------

@@ -12,10 +12,13 @@ import codecs
 import collections
 import os
 import pickle
-from typing import Any
+import types
+from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 
 from bgrl_dgl.errors import InputError
 
@@ -87,3 +90,57 @@ def load_restricted(path: str | os.PathLike) -> object:
     # A malformed stream can fail inside any allowed constructor with nearly any exception.
     except Exception as err:  # noqa: BLE001
         raise InputError(path, f"not a valid pickle: {type(err).__name__}: {err}") from None
+
+
+class TorchFileUnpickler(RestrictedUnpickler):
+    """:class:`~bgrl_dgl.sources.safe_pickle.RestrictedUnpickler` plus what ``torch.save`` writes around
+    tensors and numpy arrays: tensor rebuilding (storages are resolved by ``torch.load``
+    itself) and ``_codecs.encode``, which pickle protocol 2 uses for raw bytes."""
+
+    TORCH_GLOBALS = {
+        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+        ("_codecs", "encode"): codecs.encode,
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        found = self.TORCH_GLOBALS.get((module, name))
+        return found if found is not None else super().find_class(module, name)
+
+
+def _restricted_load(file: IO[bytes], **kwargs: Any) -> object:
+    return TorchFileUnpickler(file, **kwargs).load()
+
+
+# torch.load(pickle_module=...) subclasses `Unpickler` (keeping find_class) and calls `load`;
+# it passes its extra keyword arguments (here `path`, for error messages) on to both.
+_TORCH_FILE_PICKLE = types.ModuleType("torch_file_pickle")
+
+
+def load_torch_file(path: Path) -> object:
+    """``torch.load`` a file of dicts/lists of tensors, numpy arrays and numbers, on CPU.
+
+    ``torch.load(weights_only=True)`` in torch 2.2.1 rejects numpy arrays, which OGB's
+    ``split_dict.pt`` files hold, so :class:`TorchFileUnpickler` decides what may be built.
+    """
+    try:
+        return torch.load(path, map_location="cpu", pickle_module=_TORCH_FILE_PICKLE,
+                          weights_only=False, path=path)
+    except InputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure to decode the file is bad input
+        raise InputError(path, f"cannot load torch file: {type(err).__name__}: {err}") from None
+
+
+def as_node_ids(value: object, path: Path, what: str) -> np.ndarray:
+    """A 1-D integer tensor or array (e.g. one split of a split dict) -> int64 [n] numpy."""
+    array = value.numpy() if isinstance(value, torch.Tensor) else value
+    if not isinstance(array, np.ndarray) or array.ndim != 1 or array.dtype.kind not in "iu":
+        raise InputError(path, f"{what} must be a 1-D integer array, got {_describe(value)}")
+    return array.astype(np.int64)
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return f"{type(value).__name__} of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return type(value).__name__
+

@@ -35,7 +35,7 @@ import numpy as np
 from scipy.sparse import _sparsetools
 
 from bgrl_dgl.errors import InputError
-from bgrl_dgl.store.reader import INT32_LIMIT, SCAN_CHUNK, NpyWriter
+from bgrl_dgl.store.format import INT32_LIMIT, SCAN_CHUNK, NpyWriter
 
 EdgeChunks = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
 SelfLoops = Literal["keep", "remove", "add"]

@@ -19,16 +19,16 @@ import numpy as np
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.io import remove_stale_temp_files, temp_path
 from bgrl_dgl.store.csc import EdgeChunks, build_csc
-from bgrl_dgl.store.reader import (
+from bgrl_dgl.store.format import (
     FORMAT_VERSION,
     INT32_LIMIT,
     META_FILE,
     SPLIT_NAME,
-    GraphStore,
     NpyWriter,
     save_array,
     split_array_name,
 )
+from bgrl_dgl.store.reader import GraphStore
 
 FEATURE_DTYPE_CHOICES = {"keep": None, "float16": np.dtype(np.float16),
                          "float32": np.dtype(np.float32)}

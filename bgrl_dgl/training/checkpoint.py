@@ -10,7 +10,7 @@ import pickle
 import random
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from bgrl_dgl.model.bgrl import BGRL
 from bgrl_dgl.training.distributed import (
     World,
     broadcast_object,
+    gather_objects,
 )
 
 CHECKPOINT_DIR = "checkpoints"
@@ -171,3 +172,30 @@ def resume_state(run_dir: Path, resume: bool, world: World) -> tuple[Path, dict[
         raise InputError(*value)
     return value
 
+
+
+class Checkpointer:
+    """Writes a checkpoint every ``every`` steps and at the last step.
+
+    Every rank calls :meth:`save` after every step; when a save is due all ranks give their
+    random-generator states and rank 0 writes the file.
+    """
+
+    def __init__(self, run_dir: Path, every: int, is_main: bool) -> None:
+        self.run_dir = run_dir
+        self.every = every
+        self.is_main = is_main
+
+    def save(self, step: int, state: Callable[[list[dict[str, Any]]], dict[str, Any]], *,
+             last_step: bool) -> Path | None:
+        """Save ``state(every rank's capture_rng())`` if a save is due at ``step``.
+
+        Returns:
+            The checkpoint written (rank 0), else None.
+        """
+        if not (last_step or step % self.every == 0):
+            return None
+        rank_rng = gather_objects(capture_rng())
+        if not self.is_main:
+            return None
+        return save_checkpoint(self.run_dir, state(rank_rng), step)

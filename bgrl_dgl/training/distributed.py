@@ -190,3 +190,18 @@ def check_target_in_sync(target: nn.Module, step: int) -> float:
             f"the target encoders of the ranks differ by up to {divergence:.3e} at step {step}; "
             "they must stay identical (are all ranks running the same code and settings?)")
     return divergence
+
+
+class TargetSyncCheck:
+    """Compares the ranks' target encoders every ``every`` steps and at the last step
+    (multi-process runs only); a difference stops every rank (see check_target_in_sync)."""
+
+    def __init__(self, every: int, enabled: bool) -> None:
+        self.every = every
+        self.enabled = enabled
+
+    def run(self, target: nn.Module, step: int, *, last_step: bool) -> float | None:
+        """The largest difference between the ranks' targets (0.0) when a check is due."""
+        if not self.enabled or not (last_step or step % self.every == 0):
+            return None
+        return check_target_in_sync(target, step)

@@ -1,20 +1,21 @@
-"""BGRL training: configuration, the training loop and the ``train`` command.
+"""BGRL training: the :class:`Trainer` and the ``train`` command's :func:`train`.
 
-One :class:`Trainer` owns the model (online encoder + predictor + EMA target), optimizer,
-learning-rate schedule and the batch loader; :meth:`Trainer.fit` runs steps until the run's
-last step, writing metrics, checkpoints and the progress bar. A run is fully determined by
-its configuration, seed and number of processes: batches, augmentations and initial weights
-are drawn from seeds derived from (seed, step, rank), so ``--resume`` continues exactly where
-a run stopped.
+One :class:`Trainer` owns the model (online encoder + predictor + EMA target), optimizer and
+learning-rate schedule; :meth:`Trainer.fit` runs steps from a
+:class:`~bgrl_dgl.loading.loader.BatchLoader` until the run's last step. The loop only
+orchestrates: a step, then the components that decide for themselves whether they are due
+(target check across ranks, metrics log, checkpointer). A run is fully determined by its
+configuration, seed and number of processes: batches, augmentations and initial weights are
+drawn from seeds derived from (seed, step, rank), so ``--resume`` continues exactly where a
+run stopped.
 
 Under ``torchrun`` every process runs a :class:`Trainer` on its share of each global batch
-(see :mod:`~bgrl_dgl.training.distributed`): DDP averages the gradients of the online encoder and
-predictor, every rank keeps an identical EMA target, and rank 0 alone writes the run's files.
+(see :mod:`~bgrl_dgl.training.distributed`): DDP averages the gradients of the online encoder
+and predictor, every rank keeps an identical EMA target, and rank 0 alone writes the run's
+files.
 """
 from __future__ import annotations
 
-import json
-import math
 import signal
 import sys
 import time
@@ -25,35 +26,34 @@ from typing import Any
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from bgrl_dgl import config as cfg
 from bgrl_dgl.loading.feature_cache import check_cache_budget, training_cache
-from bgrl_dgl.loading.loader import BatchLoader, SampledBatch, resolve_seed_nodes
+from bgrl_dgl.loading.loader import BatchLoader, SeedSchedule
+from bgrl_dgl.loading.sampler import SampledBatch
 from bgrl_dgl.model.augment import augment_view
 from bgrl_dgl.model.bgrl import OnlineBranch, build_model, cosine_tau, embedding_std
 from bgrl_dgl.runs import METRICS_FILE, RunInfo, write_run_files
 from bgrl_dgl.store.reader import GraphStore
 from bgrl_dgl.training.checkpoint import (
-    capture_rng,
+    Checkpointer,
     load_model_weights,
     restore_rng,
     resume_state,
-    save_checkpoint,
     truncate_metrics,
 )
 from bgrl_dgl.training.config import TrainConfig, lr_factor
 from bgrl_dgl.training.distributed import (
+    TargetSyncCheck,
     World,
     average_buffers,
-    check_target_in_sync,
-    gather_objects,
     process_device,
     process_group,
     sum_across_ranks,
     world_from_env,
 )
 from bgrl_dgl.training.host import compute_threads, keep_freed_host_memory
+from bgrl_dgl.training.monitor import CollapseWatch, MetricsLog, ProgressBar, timed
 
 
 def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
@@ -94,29 +94,26 @@ class Trainer:
     from the same online and target weights.
     """
 
-    def __init__(self, config: TrainConfig, store: GraphStore, run_dir: Path,
-                 device: torch.device, world: World = World()) -> None:
+    def __init__(self, config: TrainConfig, store: GraphStore, steps_per_epoch: int,
+                 run_dir: Path, device: torch.device, world: World = World()) -> None:
         self.config = config
         self.store = store
         self.run_dir = run_dir
         self.device = device
         self.world = world
         self.is_main = world.is_main
+        self.steps_per_epoch = steps_per_epoch
         torch.set_num_threads(compute_threads(config.run.threads, config.sampling.num_workers,
                                               world.local_world_size))
         if device.type == "cpu":
             keep_freed_host_memory()
-        seed_nodes = resolve_seed_nodes(store, config.sampling.seeds)
-        self.loader = BatchLoader(store, config.sampling, seed_nodes, seed=config.run.seed,
-                                  independent_views=config.augment.independent_views,
-                                  rank=world.rank, world_size=world.world_size)
-        self.loader.device_type = device.type
-        self.total_steps = config.optim.max_steps or config.optim.epochs * self.loader.steps_per_epoch
+        self.total_steps = config.optim.max_steps or config.optim.epochs * steps_per_epoch
         self.model = build_model(store.feat_dim, config.model, config.run.seed).to(device)
         self.online_branch = self._online_branch()
         self.model.copy_online_to_target()
         if world.rank:  # dropout masks of their own (rank 0 draws what one process draws)
-            torch.manual_seed(int(np.random.SeedSequence([config.run.seed, world.rank]).generate_state(1)[0]))
+            torch.manual_seed(int(np.random.SeedSequence([config.run.seed, world.rank])
+                                  .generate_state(1)[0]))
         self.optimizer = torch.optim.AdamW(self.model.trainable_parameters(),
                                            lr=config.optim.peak_lr(world.world_size),
                                            weight_decay=config.optim.weight_decay)
@@ -124,7 +121,11 @@ class Trainer:
             self.optimizer,
             lambda step: lr_factor(step, config.optim.warmup_steps, self.total_steps))
         self.step = 0
-        self._collapse_warned = False
+        run = config.run
+        self.checkpointer = Checkpointer(run_dir, run.checkpoint_every, world.is_main)
+        self.metrics_log = MetricsLog(run_dir / METRICS_FILE, run.log_every, world.is_main)
+        self.sync_check = TargetSyncCheck(run.sync_check_every, world.is_distributed)
+        self.collapse_watch = CollapseWatch(run.collapse_ratio, self.model.online.out_dim)
 
     def _online_branch(self) -> torch.nn.Module:
         branch = OnlineBranch(self.model.online, self.model.predictor)
@@ -172,11 +173,11 @@ class Trainer:
         self.step += 1
         return metrics
 
-    def share_step_results(self, metrics: dict[str, float], batch: SampledBatch,
-                           stop_requested: bool) -> tuple[float, bool]:
+    def share_step_results(self, metrics: dict[str, float], batch: SampledBatch, wait_s: float,
+                           stop_requested: bool) -> bool:
         """Turn this rank's step metrics into the global batch's (mean loss and embedding
-        std, cache hit rate over all lookups); returns the global batch's seed count and
-        whether any rank was asked to stop (so that all ranks stop after the same step)."""
+        std, seeds and seeds/s, cache hit rate over all lookups); returns whether any rank was
+        asked to stop (so that all ranks stop after the same step)."""
         hits, misses = batch.cache_lookups
         loss, std, hits, misses, seeds, stops = sum_across_ranks(
             [metrics["loss"], metrics["embedding_std"], hits, misses, len(batch.seeds),
@@ -184,57 +185,40 @@ class Trainer:
         metrics.update(loss=loss / self.world.world_size, embedding_std=std / self.world.world_size)
         if hits + misses:
             metrics["cache_hit_rate"] = hits / (hits + misses)
-        return seeds, stops > 0
+        metrics.update(step=self.step, epoch=(self.step - 1) // self.steps_per_epoch,
+                       seeds=seeds, seeds_per_s=seeds / (wait_s + metrics["compute_s"]),
+                       wait_s=wait_s)
+        return stops > 0
 
     # -- the loop -------------------------------------------------------------------------
-    def fit(self) -> dict[str, float]:
-        """Train until the last step (or a stop signal); returns the last step's metrics."""
-        steps_per_epoch = self.loader.steps_per_epoch
+    def fit(self, loader: BatchLoader) -> dict[str, float]:
+        """Train on ``loader``'s batches until the last step (or a stop signal); returns the
+        last step's metrics."""
         metrics: dict[str, float] = {}
-        with StopRequest() as stop, tqdm(total=self.total_steps, initial=self.step,
-                                         disable=None if self.is_main else True,
-                                         dynamic_ncols=True, desc="train") as bar:
-            started = waited = time.perf_counter()
-            for batch in self.loader.batches(self.step, self.total_steps):
-                wait_s = time.perf_counter() - waited
+        started = time.perf_counter()
+        with StopRequest() as stop, ProgressBar(self.total_steps, self.step, self.is_main) as bar:
+            for batch, wait_s in timed(loader.batches(self.step, self.total_steps)):
                 metrics = self.train_step(batch)
-                seeds, stopping = self.share_step_results(metrics, batch, stop.requested)
-                seeds_per_s = seeds / (wait_s + metrics["compute_s"])
-                metrics.update(step=self.step, epoch=(self.step - 1) // steps_per_epoch,
-                               seeds=seeds, seeds_per_s=seeds_per_s, wait_s=wait_s,
-                               elapsed_s=time.perf_counter() - started)
-                self._watch_collapse(metrics["embedding_std"])
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                                tau=f"{metrics['tau']:.4f}", seeds_s=f"{seeds_per_s:.0f}")
-                run = self.config.run
-                last = self.step == self.total_steps or stopping
-                if self.world.is_distributed and (self.step % run.sync_check_every == 0 or last):
-                    metrics["target_divergence"] = check_target_in_sync(self.model.target, self.step)
-                if self.step % run.log_every == 0 or last or "target_divergence" in metrics:
-                    self.log_metrics(metrics)
-                if self.step % run.checkpoint_every == 0 or last:
-                    self.save()
+                stopping = self.share_step_results(metrics, batch, wait_s, stop.requested)
+                metrics["elapsed_s"] = time.perf_counter() - started
+                last_step = stopping or self.step == self.total_steps
+                self.collapse_watch.observe(metrics["embedding_std"], self.step)
+                bar.update(metrics)
+                divergence = self.sync_check.run(self.model.target, self.step,
+                                                 last_step=last_step)
+                if divergence is not None:
+                    metrics["target_divergence"] = divergence
+                self.metrics_log.write(metrics, last_step=last_step)
+                self.checkpointer.save(self.step, self.state, last_step=last_step)
                 if stopping:
-                    if self.is_main:
-                        print(f"stopped at step {self.step}; checkpoint written, resume with "
-                              "--resume", file=sys.stderr)
+                    self._announce_stop()
                     break
-                waited = time.perf_counter()
         return metrics
 
-    def _watch_collapse(self, std: float) -> None:
-        threshold = self.config.run.collapse_ratio / math.sqrt(self.model.online.out_dim)
-        if std < threshold and not self._collapse_warned:
-            warnings.warn(f"embedding std {std:.2e} fell below {threshold:.2e} at step "
-                          f"{self.step}: the representation may be collapsing", stacklevel=2)
-            self._collapse_warned = True
-
-    def log_metrics(self, metrics: dict[str, float]) -> None:
-        if not self.is_main:
-            return
-        with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(metrics) + "\n")
+    def _announce_stop(self) -> None:
+        if self.is_main:
+            print(f"stopped at step {self.step}; checkpoint written, resume with --resume",
+                  file=sys.stderr)
 
     # -- checkpoints ----------------------------------------------------------------------
     def state(self, rank_rng: list[dict[str, Any]]) -> dict[str, Any]:
@@ -244,7 +228,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
-            "epoch": self.step // self.loader.steps_per_epoch,
+            "epoch": self.step // self.steps_per_epoch,
             "rng": rank_rng[0],
             "rank_rng": rank_rng,
             "config": cfg.to_dict(self.config),
@@ -265,13 +249,6 @@ class Trainer:
         rank_rng = state.get("rank_rng", [state["rng"]])
         restore_rng(rank_rng[self.world.rank] if saved_world == self.world.world_size else state["rng"])
 
-    def save(self) -> Path | None:
-        """Write a checkpoint (rank 0; every rank takes part, giving its generators' state)."""
-        rank_rng = gather_objects(capture_rng())
-        if not self.is_main:
-            return None
-        return save_checkpoint(self.run_dir, self.state(rank_rng), self.step)
-
 
 def train(data: str | Path, run_dir: str | Path, config: TrainConfig, *, resume: bool = False,
           world: World | None = None) -> dict[str, float]:
@@ -287,8 +264,10 @@ def train(data: str | Path, run_dir: str | Path, config: TrainConfig, *, resume:
     device = process_device(config.run.device, world)
     with process_group(world, device):
         # Built before the run directory is created, so that bad settings leave nothing behind.
-        trainer = Trainer(config, store, run_dir, device, world)
-        check_cache_budget(store, config.sampling.cache_size)
+        schedule = SeedSchedule.for_store(store, config.sampling, config.run.seed, world.rank,
+                                          world.world_size)
+        trainer = Trainer(config, store, schedule.steps_per_epoch, run_dir, device, world)
+        check_cache_budget(store, config.sampling.cache_bytes)
         resumed = resume_state(run_dir, resume or world.restart_count > 0, world)
         if resumed is not None:
             trainer.load_state(resumed[1], resumed[0])
@@ -298,10 +277,13 @@ def train(data: str | Path, run_dir: str | Path, config: TrainConfig, *, resume:
             truncate_metrics(run_dir / METRICS_FILE, trainer.step)
         if trainer.step >= trainer.total_steps:
             return {}
-        # Built here, before the loader starts its workers, which attach to it by its path.
-        with training_cache(store, config.sampling, trainer.loader.seed_nodes,
+        # Built before the loader starts its workers, which attach to it by its path.
+        with training_cache(store, config.sampling, schedule.seed_nodes,
                             config.run.seed) as cache:
-            trainer.loader.cache_dir = None if cache is None else cache.directory
-            return trainer.fit()
+            loader = BatchLoader(store, config.sampling, schedule,
+                                 independent_views=config.augment.independent_views,
+                                 device=device,
+                                 cache_dir=None if cache is None else cache.directory)
+            return trainer.fit(loader)
 
 

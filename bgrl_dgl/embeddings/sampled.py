@@ -1,0 +1,73 @@
+"""Sampled inference: the encoder over neighbour-sampled blocks (``embed --fanouts``),
+the alternative to exact layer-wise inference for a fixed cost per node."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bgrl_dgl.embeddings.layerwise import embed_store
+from bgrl_dgl.embeddings.parquet import (
+    PartLayout,
+)
+from bgrl_dgl.errors import InputError
+from bgrl_dgl.loading.loader import NeighborBatchSampler, batch_rng_seed
+from bgrl_dgl.model.encoder import Encoder
+from bgrl_dgl.store.reader import GraphStore
+
+
+# ---- computing and writing -----------------------------------------------------------------
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How embeddings are computed: exact layer-wise, or sampled with ``fanouts``."""
+
+    batch_size: int = 4096
+    device: str = "auto"
+    fanouts: list[int] | None = None
+    seed: int = 0
+
+
+def sampled_embeddings(encoder: Encoder, sampler: NeighborBatchSampler, nodes: np.ndarray,
+                       out: np.ndarray, batch_size: int, seed: int, stream: int,
+                       device: torch.device) -> None:
+    """The encoder over neighbour-sampled blocks of ``nodes`` [M] into ``out`` [M, D].
+
+    Batch ``j`` is sampled with the seed of (``seed``, ``stream``, ``j``), so the result for
+    a stream of nodes (a part) does not depend on what else is computed.
+    """
+    with torch.no_grad():
+        for j, start in enumerate(range(0, nodes.size, batch_size)):
+            view = sampler.view(torch.from_numpy(nodes[start:start + batch_size]),
+                                batch_rng_seed(seed, stream, j)).to(device)
+            out[start:start + batch_size] = encoder(view.adjs, view.features).cpu().numpy()
+
+
+def compute_parts(encoder: Encoder, store: GraphStore, layout: PartLayout, parts: list[int],
+                  out: np.ndarray, options: InferenceOptions, scratch: Path,
+                  sampling_degrees: bool, device: torch.device) -> None:
+    """Embeddings of the rows of ``parts`` (ascending), one after another, into ``out``."""
+    encoder = encoder.to(device)
+    if options.fanouts is None:
+        everything = layout.nodes is None and len(parts) == layout.num_parts
+        nodes = None if everything else np.concatenate([layout.node_ids(p) for p in parts])
+        embed_store(encoder, store, batch_size=options.batch_size, device=device,
+                    scratch_dir=scratch, out=out, nodes=nodes)
+        return
+    sampler = NeighborBatchSampler(store, options.fanouts, sampling_degrees)
+    offset = 0
+    for part in parts:
+        nodes = layout.node_ids(part)
+        sampled_embeddings(encoder, sampler, nodes, out[offset:offset + nodes.size],
+                           options.batch_size, options.seed, part, device)
+        offset += nodes.size
+
+
+def check_fanouts(fanouts: list[int] | None, num_layers: int) -> None:
+    if fanouts is None:
+        return
+    if len(fanouts) != num_layers or any(f == 0 or f < -1 for f in fanouts):
+        raise InputError(None, f"--fanouts needs {num_layers} positive counts (or -1 = all), "
+                               f"one per encoder layer, got {','.join(map(str, fanouts))}")
+
