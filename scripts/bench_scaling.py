@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from benchlib import DATA, REPO, benchmark_store
 
 

@@ -47,7 +47,6 @@ from typing import Callable
 import dgl
 import torch
 import torch.nn.functional as F
-from benchlib import DATA, size_label, synthetic_store
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
@@ -60,6 +59,8 @@ from bgrl_dgl.model.adjacency import Adjacency
 from bgrl_dgl.store.reader import GraphStore
 from bgrl_dgl.training.config import TrainConfig
 from bgrl_dgl.training.trainer import Trainer
+
+from benchlib import DATA, size_label, synthetic_store
 
 # Generator parameters of the store, checked before an existing store is reused.
 STORE_PARAMS = ("num_nodes", "avg_degree", "feat_dim", "num_classes", "feature_dtype", "seed")

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bgrl_dgl.config import field
-from bgrl_dgl.model.adjacency import Adjacency, segment_softmax, weighted_sum
+from bgrl_dgl.model.adjacency import Adjacency
+from bgrl_dgl.model.conv import GATConv, GCNConv, SAGEConv
 
 
 @dataclass
@@ -47,126 +47,6 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.predictor_hidden <= 0:
             raise ValueError(f"predictor_hidden must be positive, got {self.predictor_hidden}")
-
-
-def _check_rows(adj: Adjacency, x: torch.Tensor) -> None:
-    if x.shape[0] != adj.num_src:
-        raise ValueError(f"features have {x.shape[0]} rows but the block has {adj.num_src} source nodes")
-
-
-def _linear(layer: nn.Linear, x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
-    """``layer(x * input_scale)`` for x [N, in], computed with the scale folded into the
-    weight [out, in] (no scaled copy of x): [N, out]."""
-    weight = layer.weight if input_scale is None else layer.weight * input_scale
-    return F.linear(x, weight, layer.bias)
-
-
-class SAGEConv(nn.Module):
-    """GraphSAGE with the mean aggregator: ``fc_self(x_v) + fc_neigh(mean of x_u, u -> v)``.
-
-    Destinations without in-edges get a neighbour mean of zero.
-    """
-
-    def __init__(self, in_dim: int, out_dim: int) -> None:
-        super().__init__()
-        self.in_dim, self.out_dim = in_dim, out_dim
-        self.fc_self = nn.Linear(in_dim, out_dim, bias=True)
-        self.fc_neigh = nn.Linear(in_dim, out_dim, bias=False)
-        gain = nn.init.calculate_gain("relu")
-        nn.init.xavier_uniform_(self.fc_self.weight, gain=gain)
-        nn.init.xavier_uniform_(self.fc_neigh.weight, gain=gain)
-
-    def forward(self, adj: Adjacency, x: torch.Tensor,
-                input_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """x [num_src, in_dim] -> [num_dst, out_dim]; ``input_scale`` [in_dim]: the layer
-        of ``x * input_scale``, folded into the weights."""
-        _check_rows(adj, x)
-        inverse_degree = adj.in_degrees().clamp(min=1).reciprocal().to(x.dtype).unsqueeze(-1)
-        if self.in_dim > self.out_dim:  # project first: aggregate the narrower features
-            neighbours = weighted_sum(adj, None, _linear(self.fc_neigh, x, input_scale)) * inverse_degree
-        else:
-            neighbours = _linear(self.fc_neigh, weighted_sum(adj, None, x) * inverse_degree, input_scale)
-        return _linear(self.fc_self, x[: adj.num_dst], input_scale) + neighbours
-
-
-class GCNConv(nn.Module):
-    """GCN: ``D_dst^-1/2 A D_src^-1/2 x W + b`` with degrees clamped to at least 1.
-
-    Degrees are the block's own (out-degrees of sources, in-degrees of destinations, as DGL's
-    ``GraphConv(norm='both')``) unless the Adjacency carries whole-graph degrees. With
-    ``self_loops`` a self loop is added to every destination first, so the layer equals
-    ``GraphConv`` on the block with those self loops added.
-    """
-
-    def __init__(self, in_dim: int, out_dim: int, self_loops: bool = True) -> None:
-        super().__init__()
-        self.in_dim, self.out_dim = in_dim, out_dim
-        self.self_loops = self_loops
-        self.weight = nn.Parameter(torch.empty(in_dim, out_dim))
-        self.bias = nn.Parameter(torch.zeros(out_dim))
-        nn.init.xavier_uniform_(self.weight)
-
-    def forward(self, adj: Adjacency, x: torch.Tensor,
-                input_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """x [num_src, in_dim] -> [num_dst, out_dim]; ``input_scale`` [in_dim]: the layer
-        of ``x * input_scale``, folded into the weight."""
-        _check_rows(adj, x)
-        weight = self.weight if input_scale is None else self.weight * input_scale.unsqueeze(-1)
-        if self.self_loops:
-            adj = adj.self_looped
-        src_degree, dst_degree = adj.normalising_degrees
-        h = x * src_degree.clamp(min=1).rsqrt().to(x.dtype).unsqueeze(-1)
-        if self._project_first(adj):
-            h = weighted_sum(adj, None, h @ weight)
-        else:
-            h = weighted_sum(adj, None, h) @ weight
-        return h * dst_degree.clamp(min=1).rsqrt().to(h.dtype).unsqueeze(-1) + self.bias
-
-
-    def _project_first(self, adj: Adjacency) -> bool:
-        """Whether multiplying by W before aggregating costs fewer multiply-adds: the
-        projection runs on every source row, the aggregation-first product only on the
-        destinations (sampled blocks have several sources per destination)."""
-        project = adj.num_src * self.in_dim * self.out_dim + adj.num_edges * self.out_dim
-        aggregate = adj.num_edges * self.in_dim + adj.num_dst * self.in_dim * self.out_dim
-        return project < aggregate
-
-
-class GATConv(nn.Module):
-    """Graph attention with ``heads`` heads of size ``out_dim // heads``, concatenated.
-
-    As DGL's ``GATConv``: one projection for sources and destinations, scores
-    ``leaky_relu(a_l . Wx_u + a_r . Wx_v, 0.2)``, softmax over each destination's in-edges,
-    then a bias. Destinations without in-edges get only the bias.
-    """
-
-    def __init__(self, in_dim: int, out_dim: int, heads: int, negative_slope: float = 0.2) -> None:
-        super().__init__()
-        if out_dim % heads:
-            raise ValueError(f"GAT output size {out_dim} is not divisible by {heads} heads")
-        self.in_dim, self.out_dim = in_dim, out_dim
-        self.heads, self.head_dim = heads, out_dim // heads
-        self.negative_slope = negative_slope
-        self.fc = nn.Linear(in_dim, out_dim, bias=False)
-        self.attn_l = nn.Parameter(torch.empty(1, heads, self.head_dim))
-        self.attn_r = nn.Parameter(torch.empty(1, heads, self.head_dim))
-        self.bias = nn.Parameter(torch.zeros(out_dim))
-        gain = nn.init.calculate_gain("relu")
-        for weight in (self.fc.weight, self.attn_l, self.attn_r):
-            nn.init.xavier_normal_(weight, gain=gain)
-
-    def forward(self, adj: Adjacency, x: torch.Tensor,
-                input_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """x [num_src, in_dim] -> [num_dst, out_dim]; ``input_scale`` [in_dim]: the layer
-        of ``x * input_scale``, folded into the projection."""
-        _check_rows(adj, x)
-        h = _linear(self.fc, x, input_scale).view(-1, self.heads, self.head_dim)
-        score_src = (h * self.attn_l).sum(-1)
-        score_dst = (h[: adj.num_dst] * self.attn_r).sum(-1)
-        scores = F.leaky_relu(score_src[adj.indices] + score_dst[adj.dst_index], self.negative_slope)
-        attention = segment_softmax(scores, adj)
-        heads = [weighted_sum(adj, attention[:, k], h[:, k]) for k in range(self.heads)]
-        return torch.cat(heads, dim=-1) + self.bias
 
 
 def make_conv(config: ModelConfig, in_dim: int, out_dim: int) -> nn.Module:

@@ -28,7 +28,7 @@ def keep_freed_host_memory(mmap_threshold: int = 32 << 20, trim_threshold: int =
 
     A CPU training step allocates and frees the same activations of a few MB every step;
     returned to the kernel, each comes back as fresh pages that fault in one by one
-    (26,000 page faults and about 10% of a BGRL step in bench_train). Nothing is changed
+    (see the README's benchmark notes for what that cost). Nothing is changed
     where the user tunes the allocator through its environment variables, or where the C
     library has no ``mallopt`` (then it is not glibc's allocator).
     """

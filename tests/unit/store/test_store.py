@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, assert_input_error
 
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.store.format import NpyWriter
 from bgrl_dgl.store.reader import GraphStore
 from bgrl_dgl.store.writer import StoreWriter
+
+from helpers import REPO, assert_input_error
 
 NUM_NODES = 60
 NUM_CLASSES = 4

@@ -14,7 +14,6 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import assert_input_error
 
 from bgrl_dgl.cli import main
 from bgrl_dgl.embeddings.layerwise import embed_store
@@ -23,6 +22,8 @@ from bgrl_dgl.runs import load_encoder
 from bgrl_dgl.store.reader import GraphStore
 from bgrl_dgl.store.writer import StoreWriter
 from bgrl_dgl.training.checkpoint import latest_checkpoint
+
+from helpers import assert_input_error
 
 NUM_NODES = 600
 FEAT_DIM = 16

@@ -7,8 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import assert_input_error
-from ogb_fixtures import MAG_RELATIONS, TinyMag, mag240m_dataset, undirected_csc
 
 from bgrl_dgl.cli import main
 from bgrl_dgl.errors import InputError
@@ -19,6 +17,9 @@ from bgrl_dgl.sources.mag240m import (
     typed_feature_chunks,
 )
 from bgrl_dgl.store.reader import GraphStore
+
+from helpers import assert_input_error
+from ogb_fixtures import MAG_RELATIONS, TinyMag, mag240m_dataset, undirected_csc
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import PLANTED_NODES, REPO, assert_input_error
 
 from bgrl_dgl import config as cfg
 from bgrl_dgl.cli import main
@@ -24,6 +23,8 @@ from bgrl_dgl.model.bgrl import build_model, cosine_tau
 from bgrl_dgl.runs import load_encoder
 from bgrl_dgl.training.checkpoint import list_checkpoints
 from bgrl_dgl.training.config import TrainConfig, lr_factor
+
+from helpers import PLANTED_NODES, REPO, assert_input_error
 
 NUM_NODES, BATCH_SIZE = PLANTED_NODES, 64
 STEPS_PER_EPOCH = 10  # ceil(600 / 64)

@@ -8,11 +8,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import assert_input_error
 
 from bgrl_dgl.cli import main
 from bgrl_dgl.sources.parquet import sorted_unique_ids
 from bgrl_dgl.store.reader import GraphStore
+
+from helpers import assert_input_error
 
 # Non-contiguous, unsorted, negative and beyond-int32 ids.
 EDGES = [(10**12, -7), (-7, 5), (5, 10**12), (42, 5), (2**40 + 3, 42), (5, 5), (-7, 5)]

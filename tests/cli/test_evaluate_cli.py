@@ -6,10 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import assert_input_error
 from test_export import cli, run_dir, store_dir  # noqa: F401  (fixtures)
 
 from bgrl_dgl.cli import main
+
+from helpers import assert_input_error
 
 PROBE_KEYS = {"test_acc_mean", "test_acc_std", "val_acc_mean", "num_splits"}
 

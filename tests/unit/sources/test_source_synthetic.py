@@ -10,12 +10,13 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, assert_input_error
 
 from bgrl_dgl.cli import main
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.sources import synthetic
 from bgrl_dgl.store.reader import GraphStore
+
+from helpers import REPO, assert_input_error
 
 NUM_NODES, AVG_DEGREE, FEAT_DIM, NUM_CLASSES = 3000, 8, 16, 4
 GRAPH = ["--num-nodes", NUM_NODES, "--avg-degree", AVG_DEGREE, "--feat-dim", FEAT_DIM,

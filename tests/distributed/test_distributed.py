@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PLANTED_NODES, REPO
 
 from bgrl_dgl.training.config import OptimConfig
 from bgrl_dgl.training.distributed import World, world_from_env
 from bgrl_dgl.training.host import compute_threads
+
+from helpers import PLANTED_NODES, REPO
 
 NUM_NODES, BATCH_SIZE, STEPS = PLANTED_NODES, 64, 12
 STEPS_PER_EPOCH = -(-NUM_NODES // (2 * BATCH_SIZE))  # global batch of two processes
@@ -24,7 +25,7 @@ SETTINGS = ["--hidden", "32,16", "--predictor-hidden", "32", "--fanouts", "5,5",
             "--batch-size", str(BATCH_SIZE), "--num-workers", "0", "--threads", "1",
             "--max-steps", str(STEPS), "--log-every", "1", "--checkpoint-every", "4",
             "--sync-check-every", "3", "--dropout", "0.1", "--warmup-steps", "3"]
-HARNESS = REPO / "tests" / "torchrun_harness.py"
+HARNESS = REPO / "tests" / "distributed" / "torchrun_harness.py"
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def free_port() -> int:
 
 def torchrun(launch: list[str], store: Path, run: Path, records: Path, *flags: str,
              env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start ``torchrun LAUNCH tests/torchrun_harness.py train ...``."""
+    """Start ``torchrun LAUNCH tests/distributed/torchrun_harness.py train ...``."""
     records.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "torch.distributed.run", *launch, str(HARNESS), "train",
                "--data", str(store), "--out", str(run), *SETTINGS, *flags]

@@ -1,4 +1,4 @@
-"""``bgrl-dgl`` under torchrun, instrumented for tests/test_distributed.py.
+"""``bgrl-dgl`` under torchrun, instrumented for tests/distributed/test_distributed.py.
 
 Runs the command line unchanged and records, in the directory named by ``BGRL_TEST_DIR``:
 ``saves-rank<R>.txt`` (the step of every checkpoint the rank wrote) and ``final-rank<R>.pt``

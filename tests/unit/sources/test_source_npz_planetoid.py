@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from conftest import assert_input_error
 
 from bgrl_dgl.cli import main
 from bgrl_dgl.errors import InputError
@@ -19,6 +18,8 @@ from bgrl_dgl.sources.npz import read_npz
 from bgrl_dgl.sources.planetoid import planetoid_files, read_planetoid
 from bgrl_dgl.sources.safe_pickle import load_restricted
 from bgrl_dgl.store.reader import GraphStore
+
+from helpers import assert_input_error
 
 CORA_NODES = 2708
 CORA_UNDIRECTED_EDGES = 10556  # both directions, no self-loops

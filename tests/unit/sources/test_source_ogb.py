@@ -8,14 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_input_error
-from ogb_fixtures import (
-    OGBN_SPLIT_TYPE,
-    ogbn_binary_dataset,
-    ogbn_csv_dataset,
-    tiny_graph,
-    undirected_csc,
-)
 
 from bgrl_dgl.cli import main
 from bgrl_dgl.errors import InputError
@@ -23,6 +15,15 @@ from bgrl_dgl.sources.npz_members import NpzMember
 from bgrl_dgl.sources.ogb import ogbn_dataset, read_splits
 from bgrl_dgl.sources.safe_pickle import load_torch_file
 from bgrl_dgl.store.reader import GraphStore
+
+from helpers import assert_input_error
+from ogb_fixtures import (
+    OGBN_SPLIT_TYPE,
+    ogbn_binary_dataset,
+    ogbn_csv_dataset,
+    tiny_graph,
+    undirected_csc,
+)
 
 
 @pytest.fixture(autouse=True)

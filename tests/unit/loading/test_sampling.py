@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_test_store
 
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.loading.loader import (
@@ -21,6 +20,8 @@ from bgrl_dgl.loading.loader import (
 )
 from bgrl_dgl.loading.sampler import NeighborBatchSampler, SampledBatch, SampledView, batch_rng_seed
 from bgrl_dgl.store.reader import GraphStore
+
+from helpers import write_test_store
 
 NUM_NODES, FEAT_DIM = 150, 6
 MAX_IN_DEGREE = 13  # node v has v % MAX_IN_DEGREE in-neighbours: 0 .. 12

@@ -17,7 +17,10 @@ from bgrl_dgl.model.adjacency import (
     weighted_sum,
 )
 from bgrl_dgl.model.augment import mask_features
-from bgrl_dgl.model.encoder import Encoder, GATConv, GCNConv, ModelConfig, Predictor, SAGEConv
+from bgrl_dgl.model.conv.gat import GATConv
+from bgrl_dgl.model.conv.gcn import GCNConv
+from bgrl_dgl.model.conv.sage import SAGEConv
+from bgrl_dgl.model.encoder import Encoder, ModelConfig, Predictor
 
 import dgl  # noqa: E402  (isort: skip)
 from dgl import nn as dglnn  # noqa: E402

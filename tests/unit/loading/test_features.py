@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, assert_input_error, write_test_store
 
 from bgrl_dgl.cli import main
 from bgrl_dgl.config import section_from_dict
@@ -28,6 +27,8 @@ from bgrl_dgl.loading.features import FeatureSource, read_rows
 from bgrl_dgl.loading.loader import SamplingConfig
 from bgrl_dgl.loading.sampler import NeighborBatchSampler
 from bgrl_dgl.store.reader import GraphStore
+
+from helpers import REPO, assert_input_error, write_test_store
 
 NUM_NODES, FEAT_DIM = 300, 8
 ROW_BYTES = FEAT_DIM * 4  # float32 rows
