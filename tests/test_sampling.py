@@ -13,7 +13,8 @@ import torch
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.sampling import (
     BatchLoader, NeighborBatchSampler, SampledBatch, SampledView, SamplingConfig,
-    batch_rng_seed, epoch_permutation, resolve_seed_nodes,
+    batch_rng_seed, epoch_permutation, rank_batch_positions, resolve_seed_nodes,
+    smallest_rank_batch,
 )
 from bgrl_dgl.store import GraphStore
 from conftest import write_test_store
@@ -105,6 +106,30 @@ def test_a_short_last_batch_is_balanced_not_a_single_seed(store) -> None:
 def test_too_few_seeds_for_the_processes_is_an_input_error(store) -> None:
     with pytest.raises(InputError, match="cannot feed 4 processes"):
         make_loader(store, 3, 8, world_size=4)
+    # Batch normalisation needs two rows: two seeds per process and step.
+    with pytest.raises(InputError, match="7 seed nodes cannot feed 4 processes.*at least 8"):
+        make_loader(store, 7, 8, world_size=4)
+    loader = make_loader(store, 8, 8, world_size=4, rank=3)
+    assert [len(b) for b in loader.batch_positions(0)] == [2]
+
+
+@pytest.mark.parametrize("num_seeds, batch_size, world_size", [(3, 2, 1), (5, 2, 2), (9, 1, 1)])
+def test_a_batch_size_leaving_a_process_one_seed_is_an_input_error(store, num_seeds, batch_size,
+                                                                   world_size) -> None:
+    with pytest.raises(InputError, match=f"--batch-size {batch_size} leaves a process a batch "
+                                         "of 1 .*use a larger --batch-size"):
+        make_loader(store, num_seeds, batch_size, world_size=world_size)
+
+
+def test_smallest_rank_batch_is_the_smallest_slice_of_any_step() -> None:
+    for num_seeds in range(1, 40):
+        for batch_size in (1, 2, 3, 5):
+            for world_size in (1, 2, 3):
+                if num_seeds < world_size:
+                    continue
+                sizes = [len(b) for r in range(world_size)
+                         for b in rank_batch_positions(num_seeds, 0, 0, batch_size, r, world_size)]
+                assert smallest_rank_batch(num_seeds, batch_size, world_size) == min(sizes)
 
 
 # ---- seed specifications -----------------------------------------------------------------
