@@ -61,7 +61,7 @@ from .errors import InputError
 from .evaluate import ProbeSummary, linear_probe, random_split_probe, summarize
 from .inference import embed_store
 from .model import Encoder
-from .sampling import NeighborBatchSampler, batch_rng_seed
+from .sampling import NeighborBatchSampler, batch_rng_seed, one_omp_thread
 from .sources.splits import SPLIT_NAMES
 from .store import GraphStore, read_node_ids
 from .train import TrainConfig, build_model, load_encoder, load_run_config
@@ -344,8 +344,9 @@ def sampled_embeddings(encoder: Encoder, sampler: NeighborBatchSampler, nodes: n
 
     with torch.no_grad():
         for j, start in enumerate(range(0, nodes.size, batch_size)):
-            dgl.seed(batch_rng_seed(seed, stream, j))
-            view, _, _ = sampler.sample_view(torch.from_numpy(nodes[start:start + batch_size]))
+            with one_omp_thread():  # several threads sample differently on every run
+                dgl.seed(batch_rng_seed(seed, stream, j))
+                view, _, _ = sampler.sample_view(torch.from_numpy(nodes[start:start + batch_size]))
             view = view.to(device)
             out[start:start + batch_size] = encoder(view.adjs, view.features).cpu().numpy()
 
