@@ -23,17 +23,26 @@ machine this was written for that is 1 thread next to 1 worker: with 2 compute t
 3 busy threads oversubscribe the 2 cores, every OpenMP parallel region waits for its
 descheduled thread, and both arms ran about 2x slower.
 
+With ``--device cuda`` the BGRL arm runs on the GPU and the supervised arm is left out
+(``dgl.nn`` layers need DGL's CUDA kernels, which the installed DGL lacks; the ratio is then
+null). The report adds the share of a BGRL step spent waiting for the loader, the number of
+sampling workers that would keep the GPU busy (a worker's time per batch over the compute
+time per step, rounded up) and the peak GPU memory of a step
+(``torch.cuda.max_memory_allocated``).
+
 The synthetic store is prepared once (``bgrl-dgl prepare synthetic ... --feature-dtype
 float16``) into ``--data`` (default ``data/bench-train-<nodes>``, e.g. ``data/bench-train-1m``)
 and reused when its parameters match. Last line printed: one JSON object.
 
     .venv/bin/python scripts/bench_train.py [--num-nodes 50000 --steps 5] [--profile-steps 3]
+    .venv/bin/python scripts/bench_train.py --device cuda --num-workers 4
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
 import json
+import math
 import os
 import pstats
 import statistics
@@ -53,12 +62,13 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 import bgrl_dgl  # noqa: F401  (sets the DGL backend)
 from bgrl_dgl import config as cfg
-from bgrl_dgl.loading.loader import BatchLoader, SeedSchedule
+from bgrl_dgl.loading.loader import BatchLoader
 from bgrl_dgl.loading.sampler import SampledBatch
 from bgrl_dgl.model.adjacency import Adjacency
 from bgrl_dgl.store.reader import GraphStore
 from bgrl_dgl.training.config import TrainConfig
-from bgrl_dgl.training.trainer import Trainer
+from bgrl_dgl.training.distributed import World, process_device
+from bgrl_dgl.training.trainer import Trainer, batch_loader, build_trainer
 
 from benchlib import DATA, size_label, synthetic_store
 
@@ -86,6 +96,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="encoder convolution (the supervised arm is GraphSAGE)")
     train.add_argument("--hidden", default="256,256", help="layer sizes of both models")
     train.add_argument("--num-workers", type=int, default=1, help="loader worker processes")
+    train.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                       help="where the BGRL arm runs (cuda: without the supervised arm)")
     train.add_argument("--threads", type=int,
                        help="torch threads of this process (default: usable cores minus "
                             "--num-workers, at least 1)")
@@ -127,7 +139,7 @@ def train_config(args: argparse.Namespace, total_steps: int) -> TrainConfig:
                      "num_workers": args.num_workers, "seeds": "all"},
         "model": {"conv": args.conv, "hidden": int_list(args.hidden)},
         "optim": {"max_steps": total_steps},
-        "run": {"seed": args.seed, "device": "cpu"},
+        "run": {"seed": args.seed, "device": args.device},
     }, source="bench_train")
 
 
@@ -218,12 +230,33 @@ def run_arm(loader: BatchLoader, step: Step, warmup: int, steps: int, result: Ar
     result.wall_s += waited - start
 
 
-def bgrl_timings(trainer: Trainer) -> Step:
-    """``trainer.train_step`` reduced to its timings."""
-    def step(batch: SampledBatch) -> dict[str, float]:
-        metrics = trainer.train_step(batch)
+class BGRLStep:
+    """``trainer.train_step`` reduced to its timings; on CUDA, ``peaks`` collects the peak
+    GPU memory (bytes allocated) of every step."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.cuda = trainer.device.type == "cuda"
+        self.peaks: list[int] = []
+
+    def __call__(self, batch: SampledBatch) -> dict[str, float]:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.trainer.device)
+        metrics = self.trainer.train_step(batch)
+        if self.cuda:
+            self.peaks.append(torch.cuda.max_memory_allocated(self.trainer.device))
         return {name: metrics[name] for name in ("sample_s", "features_s", "compute_s")}
-    return step
+
+
+def loader_figures(bgrl: ArmResult, num_workers: int) -> dict[str, float | int]:
+    """The share of a BGRL step spent waiting for the loader, and how many sampling workers
+    would keep up with compute: a worker needs ``sample + features`` per batch, compute
+    consumes a batch per ``compute``."""
+    ms = bgrl.mean_ms()
+    per_batch = ms["sample"] + ms["features"]
+    return {"loader_wait_share": ms["wait"] / (ms["wait"] + ms["compute"]),
+            "workers_needed": max(1, math.ceil(per_batch / ms["compute"])),
+            "num_workers": num_workers}
 
 
 def dense_only(formula: Callable[..., int]) -> Callable[..., int]:
@@ -251,7 +284,10 @@ def profile_bgrl(trainer: Trainer, batch: SampledBatch, steps: int) -> None:
     their time: operators by self time and input shapes (torch.profiler), then the slowest
     bgrl_dgl functions by cumulative time and all functions by own time (cProfile)."""
     trainer.train_step(batch)
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+    activities = [ProfilerActivity.CPU]
+    if trainer.device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(steps):
             trainer.train_step(batch)
     print(prof.key_averages(group_by_input_shape=True).table(
@@ -274,12 +310,21 @@ def batch_shape(batch: SampledBatch) -> dict[str, list[int]]:
             "num_edges": [a.num_edges for a in view.adjs]}
 
 
-def print_report(bgrl: ArmResult, supervised: ArmResult, flops: dict[str, float]) -> None:
-    ratio = supervised.seeds_per_s / bgrl.seeds_per_s
-    b, s = bgrl.mean_ms(), supervised.mean_ms()
+def print_report(bgrl: ArmResult, supervised: ArmResult | None, flops: dict[str, float],
+                 loader: dict[str, float | int]) -> None:
+    b = bgrl.mean_ms()
     print(f"BGRL:       {bgrl.seeds_per_s:8.0f} seeds/s  "
           f"{1e3 * bgrl.wall_s / len(bgrl.steps):7.1f} ms/step"
           f"  (wait {b['wait']:.1f} + compute {b['compute']:.1f} ms)")
+    print(f"loader wait: {100 * loader['loader_wait_share']:.1f}% of a BGRL step with "
+          f"{loader['num_workers']} worker(s); workers to keep up: {loader['workers_needed']}")
+    if supervised is None:
+        print(f"loader worker per batch (overlaps compute): sample {b['sample']:.1f} ms, "
+              f"features {b['features']:.1f} ms")
+        print(f"dense GFLOP/step: BGRL {flops['bgrl']:.2f}")
+        return
+    ratio = supervised.seeds_per_s / bgrl.seeds_per_s
+    s = supervised.mean_ms()
     print(f"supervised: {supervised.seeds_per_s:8.0f} seeds/s  "
           f"{1e3 * supervised.wall_s / len(supervised.steps):7.1f} ms/step"
           f"  (wait {s['wait']:.1f} + compute {s['compute']:.1f} ms, "
@@ -295,41 +340,52 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     store = ensure_store(args)
+    device = process_device(args.device, World())
     # Schedules (lr, EMA tau) span every step taken: the arms, one FLOP count, the profile.
     total_steps = args.rounds * (args.warmup + args.steps) + 2 + 2 * args.profile_steps
     with tempfile.TemporaryDirectory(prefix="bench-train-") as run_dir:
         config = train_config(args, total_steps)
-        device = torch.device("cpu")
-        schedule = SeedSchedule.for_store(store, config.sampling, config.run.seed)
-        trainer = Trainer(config, store, schedule.steps_per_epoch, Path(run_dir), device)
-        loader = BatchLoader(store, config.sampling, schedule,
-                             independent_views=config.augment.independent_views, device=device)
-        bgrl_step = bgrl_timings(trainer)
-        supervised_step = SupervisedStep(store, int_list(args.hidden), args.seed)
-        bgrl, supervised = ArmResult(), ArmResult()
-        arms = [(bgrl_step, bgrl), (supervised_step, supervised)]
+        trainer, schedule = build_trainer(config, store, Path(run_dir), device)
+        loader = batch_loader(config, store, schedule, device)
+        bgrl_step = BGRLStep(trainer)
+        bgrl = ArmResult()
+        arms: list[tuple[Step, ArmResult]] = [(bgrl_step, bgrl)]
+        supervised: ArmResult | None = None
+        if device.type == "cpu":
+            supervised_step = SupervisedStep(store, int_list(args.hidden), args.seed)
+            supervised = ArmResult()
+            arms.append((supervised_step, supervised))
         for index in range(args.rounds):
             for step, result in arms[::-1] if index % 2 else arms:
                 run_arm(loader, step, args.warmup, args.steps, result)
         batch, = loader.batches(0, 1)
-        flops = {"bgrl": dense_gflops(bgrl_step, batch),
-                 "supervised": dense_gflops(supervised_step, batch)}
-        print_report(bgrl, supervised, flops)
+        flops = {"bgrl": dense_gflops(bgrl_step, batch)}
+        if supervised is not None:
+            flops["supervised"] = dense_gflops(supervised_step, batch)
+        loader_stats = loader_figures(bgrl, args.num_workers)
+        print_report(bgrl, supervised, flops, loader_stats)
+        if bgrl_step.peaks:
+            print(f"peak GPU memory of a BGRL step: {max(bgrl_step.peaks) / 2**30:.2f} GiB")
         if args.profile_steps:
             profile_bgrl(trainer, batch, args.profile_steps)
     print(json.dumps({
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "bgrl_seeds_per_s": bgrl.seeds_per_s,
-        "supervised_seeds_per_s": supervised.seeds_per_s,
-        "ratio": supervised.seeds_per_s / bgrl.seeds_per_s,
+        "supervised_seeds_per_s": None if supervised is None else supervised.seeds_per_s,
+        "ratio": None if supervised is None else supervised.seeds_per_s / bgrl.seeds_per_s,
+        "loader_wait_share": loader_stats["loader_wait_share"],
+        "workers_needed": loader_stats["workers_needed"],
+        "peak_gpu_mem_gb": max(bgrl_step.peaks) / 2**30 if bgrl_step.peaks else None,
         "bgrl_ms": bgrl.mean_ms(),
-        "supervised_ms": supervised.mean_ms(),
+        "supervised_ms": None if supervised is None else supervised.mean_ms(),
         "dense_gflop_per_step": flops,
         "first_batch": batch_shape(batch),
         "config": {**{name: getattr(args, name) for name in STORE_PARAMS},
                    "num_edges": store.num_edges, "fanouts": int_list(args.fanouts),
                    "batch_size": args.batch_size, "conv": args.conv,
                    "hidden": int_list(args.hidden),
-                   "num_workers": args.num_workers, "threads": args.threads,
+                   "device": args.device, "num_workers": args.num_workers,
+                   "threads": args.threads,
                    "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds},
     }))
     return 0

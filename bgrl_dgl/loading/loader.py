@@ -72,6 +72,27 @@ def rank_batch_positions(num_seeds: int, seed: int, epoch: int, batch_size: int,
     return [np.array_split(chunk, world_size)[rank] for chunk in np.array_split(perm, steps)]
 
 
+def smallest_rank_batch(num_seeds: int, batch_size: int, world_size: int) -> int:
+    """The fewest seeds any rank gets in a step (see :func:`rank_batch_positions`)."""
+    steps = -(-num_seeds // (batch_size * world_size))
+    return num_seeds // steps // world_size
+
+
+def check_batch_sizes(num_seeds: int, batch_size: int, world_size: int, path: Path) -> None:
+    """InputError unless every rank gets at least 2 seeds in every step: batch normalisation
+    cannot train on one row."""
+    if num_seeds < 2 * world_size:
+        raise InputError(path, f"{num_seeds} seed nodes cannot feed {world_size} processes: "
+                               f"each needs at least 2 seeds per step (batch normalisation), "
+                               f"so at least {2 * world_size} seeds")
+    smallest = smallest_rank_batch(num_seeds, batch_size, world_size)
+    if smallest < 2:
+        raise InputError(path, f"--batch-size {batch_size} leaves a process a batch of {smallest} "
+                               f"of the {num_seeds} seed nodes ({world_size} processes); batch "
+                               "normalisation needs at least 2 seeds per batch: use a larger "
+                               "--batch-size")
+
+
 def resolve_seed_nodes(store: GraphStore, spec: str) -> np.ndarray:
     """The training seed node ids [S] int64 named by ``spec`` ('all', 'split:NAME', file.npy
     of store indices, duplicates ignored)."""
@@ -106,12 +127,10 @@ class SeedSchedule:
     @classmethod
     def for_store(cls, store: GraphStore, config: "SamplingConfig", seed: int, rank: int = 0,
                   world_size: int = 1) -> "SeedSchedule":
-        """The schedule of ``config.seeds`` on ``store``; InputError when there are too few
-        seeds for ``world_size`` processes."""
+        """The schedule of ``config.seeds`` on ``store``; InputError when some process would
+        get fewer than 2 seeds in a step."""
         seed_nodes = resolve_seed_nodes(store, config.seeds)
-        if len(seed_nodes) < world_size:
-            raise InputError(store.path, f"{len(seed_nodes)} seed nodes cannot feed "
-                                         f"{world_size} processes")
+        check_batch_sizes(len(seed_nodes), config.batch_size, world_size, store.path)
         return cls(seed_nodes, config.batch_size, seed, rank, world_size)
 
     @property

@@ -42,7 +42,8 @@ class OptimConfig:
 @dataclass
 class RunConfig:
     seed: int = field(0, "seed of weights, batches and augmentations")
-    device: Literal["auto", "cpu", "cuda"] = field("auto", "where the model runs (auto: cuda if available)")
+    device: Literal["auto", "cpu", "cuda"] = field(
+        "auto", "where the model runs (auto: cuda if each process on the machine gets a GPU)")
     threads: int = field(0, "torch CPU threads of the training process (0: the usable cores "
                             "left after the sampling workers, at least 1)")
     checkpoint_every: int = field(500, "steps between checkpoints (one is always written at the end)")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Iterator, Mapping, Sequence
@@ -75,10 +76,26 @@ def world_from_env(environ: Mapping[str, str] | None = None) -> World:
     return world
 
 
+def auto_device(world: World) -> str:
+    """What ``--device auto`` means for this process: ``cuda`` when every process on this
+    machine can have a GPU of its own, else ``cpu`` (with a one-line warning on stderr when
+    there are GPUs, but fewer than processes)."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    count = torch.cuda.device_count()
+    if world.local_world_size > count:
+        sys.stderr.write(f"warning: --device auto: {world.local_world_size} processes on this "
+                         f"machine but {count} GPU(s); running on the CPU\n")
+        return "cpu"
+    return "cuda"
+
+
 def process_device(name: str, world: World) -> torch.device:
-    """The device of this process: ``cuda`` means the GPU of its local rank."""
+    """The device of this process: ``cuda`` means the GPU of its local rank, which also
+    becomes the current CUDA device (so that nothing lands on GPU 0 by default); ``auto``
+    see :func:`auto_device`."""
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        name = auto_device(world)
     if name != "cuda":
         return torch.device(name)
     if not torch.cuda.is_available():
@@ -87,7 +104,9 @@ def process_device(name: str, world: World) -> torch.device:
         raise InputError(None, f"local rank {world.local_rank} has no GPU: this machine has "
                                f"{torch.cuda.device_count()} (start at most that many "
                                "processes per node)")
-    return torch.device("cuda", world.local_rank)
+    device = torch.device("cuda", world.local_rank)
+    torch.cuda.set_device(device)
+    return device
 
 
 @contextlib.contextmanager

@@ -250,6 +250,23 @@ class Trainer:
         restore_rng(rank_rng[self.world.rank] if saved_world == self.world.world_size else state["rng"])
 
 
+def build_trainer(config: TrainConfig, store: GraphStore, run_dir: Path, device: torch.device,
+                  world: World = World()) -> tuple[Trainer, SeedSchedule]:
+    """The Trainer of one process and the schedule of its seeds (checks the settings; writes
+    nothing)."""
+    schedule = SeedSchedule.for_store(store, config.sampling, config.run.seed, world.rank,
+                                      world.world_size)
+    return Trainer(config, store, schedule.steps_per_epoch, run_dir, device, world), schedule
+
+
+def batch_loader(config: TrainConfig, store: GraphStore, schedule: SeedSchedule,
+                 device: torch.device, cache_dir: Path | None = None) -> BatchLoader:
+    """The loader of a training process's batches (``cache_dir``: the machine's feature cache)."""
+    return BatchLoader(store, config.sampling, schedule,
+                       independent_views=config.augment.independent_views, device=device,
+                       cache_dir=cache_dir)
+
+
 def train(data: str | Path, run_dir: str | Path, config: TrainConfig, *, resume: bool = False,
           world: World | None = None) -> dict[str, float]:
     """Train BGRL on the store at ``data``, writing into ``run_dir``; returns final metrics.
@@ -264,9 +281,7 @@ def train(data: str | Path, run_dir: str | Path, config: TrainConfig, *, resume:
     device = process_device(config.run.device, world)
     with process_group(world, device):
         # Built before the run directory is created, so that bad settings leave nothing behind.
-        schedule = SeedSchedule.for_store(store, config.sampling, config.run.seed, world.rank,
-                                          world.world_size)
-        trainer = Trainer(config, store, schedule.steps_per_epoch, run_dir, device, world)
+        trainer, schedule = build_trainer(config, store, run_dir, device, world)
         check_cache_budget(store, config.sampling.cache_bytes)
         resumed = resume_state(run_dir, resume or world.restart_count > 0, world)
         if resumed is not None:
@@ -280,10 +295,7 @@ def train(data: str | Path, run_dir: str | Path, config: TrainConfig, *, resume:
         # Built before the loader starts its workers, which attach to it by its path.
         with training_cache(store, config.sampling, schedule.seed_nodes,
                             config.run.seed) as cache:
-            loader = BatchLoader(store, config.sampling, schedule,
-                                 independent_views=config.augment.independent_views,
-                                 device=device,
-                                 cache_dir=None if cache is None else cache.directory)
-            return trainer.fit(loader)
+            cache_dir = None if cache is None else cache.directory
+            return trainer.fit(batch_loader(config, store, schedule, device, cache_dir))
 
 

@@ -19,7 +19,7 @@ PROBE_KEYS = {"test_acc_mean", "test_acc_std", "val_acc_mean", "num_splits"}
 def export_dir(run_dir, tmp_path_factory) -> Path:  # noqa: F811
     out = tmp_path_factory.mktemp("export") / "emb"
     assert main(["embed", "--run", str(run_dir), "--out", str(out), "--dtype", "float16",
-                 "--rows-per-part", "200"]) == 0
+                 "--rows-per-part", "200", "--device", "cpu"]) == 0
     return out
 
 

@@ -46,7 +46,7 @@ def run_dir(store_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "run"
     assert main(["train", "--data", str(store_dir), "--out", str(out), "--max-steps", "2",
                  "--hidden", f"16,{DIM}", "--predictor-hidden", "16", "--num-workers", "0",
-                 "--batch-size", "128"]) == 0
+                 "--batch-size", "128", "--device", "cpu"]) == 0
     return out
 
 
@@ -58,9 +58,10 @@ def reference(run_dir, store_dir) -> np.ndarray:
 
 @pytest.fixture
 def cli(capsys):
-    """``bgrl-dgl ARGS`` in this process, as a CompletedProcess."""
+    """``bgrl-dgl ARGS`` in this process, as a CompletedProcess (``embed`` on the CPU)."""
     def run(*args) -> subprocess.CompletedProcess:
-        code = main([str(a) for a in args])
+        argv = [str(a) for a in args]
+        code = main(argv + ["--device", "cpu"] if argv[0] == "embed" else argv)
         captured = capsys.readouterr()
         return subprocess.CompletedProcess(args, code, captured.out, captured.err)
     return run

@@ -31,7 +31,7 @@ STEPS_PER_EPOCH = 10  # ceil(600 / 64)
 STEPS, CHECKPOINT_EVERY, WARMUP, LR = 40, 15, 5, 0.005
 TINY = ["--hidden", "32,16", "--predictor-hidden", "32", "--fanouts", "5,5",
         "--batch-size", str(BATCH_SIZE), "--num-workers", "0", "--lr", str(LR),
-        "--warmup-steps", str(WARMUP), "--threads", "1"]
+        "--warmup-steps", str(WARMUP), "--threads", "1", "--device", "cpu"]
 # Dropout draws from torch's global generator, which a resumed run must restore.
 REFERENCE = [*TINY, "--max-steps", str(STEPS), "--log-every", "1",
              "--checkpoint-every", str(CHECKPOINT_EVERY), "--dropout", "0.1"]
@@ -150,13 +150,13 @@ def test_config_yaml_holds_flags_over_config_file_over_defaults(store_dir, tmp_p
     run = tmp_path / "run"
     argv = train_args(store_dir, run, "--config", str(settings), "--batch-size", "48",
                       "--tau-base", "0.9", "--max-steps", "2", "--num-workers", "0",
-                      "--threads", "1")
+                      "--threads", "1", "--device", "cpu")
     assert main(argv) == 0
     expected = cfg.to_dict(TrainConfig.defaults())
     expected["sampling"].update(batch_size=48, fanouts=[3, 4], num_workers=0)
     expected["optim"].update(lr=0.002, tau_base=0.9, max_steps=2)
     expected["model"].update(hidden=[32, 16], predictor_hidden=32)
-    expected["run"].update(threads=1)
+    expected["run"].update(threads=1, device="cpu")
     assert yaml.safe_load((run / "config.yaml").read_text()) == expected
     run_info = yaml.safe_load((run / "run.yaml").read_text())
     assert run_info["num_nodes"] == NUM_NODES and Path(run_info["data"]) == store_dir.resolve()

@@ -23,6 +23,7 @@ NUM_NODES, BATCH_SIZE, STEPS = PLANTED_NODES, 64, 12
 STEPS_PER_EPOCH = -(-NUM_NODES // (2 * BATCH_SIZE))  # global batch of two processes
 SETTINGS = ["--hidden", "32,16", "--predictor-hidden", "32", "--fanouts", "5,5",
             "--batch-size", str(BATCH_SIZE), "--num-workers", "0", "--threads", "1",
+            "--device", "cpu",
             "--max-steps", str(STEPS), "--log-every", "1", "--checkpoint-every", "4",
             "--sync-check-every", "3", "--dropout", "0.1", "--warmup-steps", "3"]
 HARNESS = REPO / "tests" / "distributed" / "torchrun_harness.py"

@@ -287,7 +287,8 @@ def test_cache_bytes_accepts_sizes_and_byte_counts() -> None:
 
 
 TRAIN = ["--hidden", "16,16", "--predictor-hidden", "16", "--fanouts", "3,3", "--batch-size", "16",
-         "--max-steps", "4", "--log-every", "1", "--threads", "1", "--warmup-steps", "1"]
+         "--max-steps", "4", "--log-every", "1", "--threads", "1", "--warmup-steps", "1",
+         "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")

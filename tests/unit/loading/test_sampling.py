@@ -16,7 +16,9 @@ from bgrl_dgl.loading.loader import (
     SamplingConfig,
     SeedSchedule,
     epoch_permutation,
+    rank_batch_positions,
     resolve_seed_nodes,
+    smallest_rank_batch,
 )
 from bgrl_dgl.loading.sampler import NeighborBatchSampler, SampledBatch, SampledView, batch_rng_seed
 from bgrl_dgl.store.reader import GraphStore
@@ -108,12 +110,41 @@ def test_a_short_last_batch_is_balanced_not_a_single_seed(store) -> None:
     assert sorted(sizes) == [128, 129]
 
 
+def schedule_for(store: GraphStore, tmp_path: Path, num_seeds: int, batch_size: int,
+                 world_size: int, rank: int = 0) -> SeedSchedule:
+    ids = tmp_path / f"seeds-{num_seeds}.npy"
+    np.save(ids, np.arange(num_seeds, dtype=np.int64))
+    config = SamplingConfig(batch_size=batch_size, seeds=str(ids))
+    return SeedSchedule.for_store(store, config, seed=7, rank=rank, world_size=world_size)
+
+
 def test_too_few_seeds_for_the_processes_is_an_input_error(store, tmp_path) -> None:
-    ids = tmp_path / "three.npy"
-    np.save(ids, np.arange(3, dtype=np.int64))
-    config = SamplingConfig(batch_size=8, seeds=str(ids))
     with pytest.raises(InputError, match="cannot feed 4 processes"):
-        SeedSchedule.for_store(store, config, seed=7, rank=0, world_size=4)
+        schedule_for(store, tmp_path, 3, 8, world_size=4)
+    # Batch normalisation needs two rows: two seeds per process and step.
+    with pytest.raises(InputError, match="7 seed nodes cannot feed 4 processes.*at least 8"):
+        schedule_for(store, tmp_path, 7, 8, world_size=4)
+    schedule = schedule_for(store, tmp_path, 8, 8, world_size=4, rank=3)
+    assert [len(b) for b in schedule.batch_positions(0)] == [2]
+
+
+@pytest.mark.parametrize("num_seeds, batch_size, world_size", [(3, 2, 1), (5, 2, 2), (9, 1, 1)])
+def test_a_batch_size_leaving_a_process_one_seed_is_an_input_error(store, tmp_path, num_seeds,
+                                                                   batch_size, world_size) -> None:
+    with pytest.raises(InputError, match=f"--batch-size {batch_size} leaves a process a batch "
+                                         "of 1 .*use a larger --batch-size"):
+        schedule_for(store, tmp_path, num_seeds, batch_size, world_size)
+
+
+def test_smallest_rank_batch_is_the_smallest_slice_of_any_step() -> None:
+    for num_seeds in range(1, 40):
+        for batch_size in (1, 2, 3, 5):
+            for world_size in (1, 2, 3):
+                if num_seeds < world_size:
+                    continue
+                sizes = [len(b) for r in range(world_size)
+                         for b in rank_batch_positions(num_seeds, 0, 0, batch_size, r, world_size)]
+                assert smallest_rank_batch(num_seeds, batch_size, world_size) == min(sizes)
 
 
 # ---- seed specifications -----------------------------------------------------------------

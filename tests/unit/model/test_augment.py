@@ -133,6 +133,7 @@ def test_augment_view_drops_in_every_block_and_masks_features() -> None:
     assert all(a is b for a, b in zip(same_adjs, adjs)) and same_x is x and same_keep is None
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cpu_generator_gives_same_augmentation_on_cuda() -> None:
     adj = random_adjacency(200, 50, 2000)
