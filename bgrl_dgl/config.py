@@ -62,7 +62,8 @@ def _scalar_parser(tp: Any, name: str):
             for choice in choices:
                 if str(choice) == text:
                     return choice
-            raise argparse.ArgumentTypeError(f"{name} must be one of {', '.join(map(str, choices))}")
+            allowed = ", ".join(map(str, choices))
+            raise argparse.ArgumentTypeError(f"{name} must be one of {allowed}")
 
         return parse_choice
     if tp is bool:

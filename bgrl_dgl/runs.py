@@ -71,7 +71,8 @@ def check_run_dir(run_dir: str | os.PathLike) -> Path:
 def load_run_config(run_dir: str | os.PathLike) -> tuple[TrainConfig, RunInfo]:
     """The resolved settings of a run and what it trained on."""
     run_dir = check_run_dir(run_dir)
-    config = TrainConfig.from_plain(cfg.load_yaml(run_dir / CONFIG_FILE), str(run_dir / CONFIG_FILE))
+    config = TrainConfig.from_plain(cfg.load_yaml(run_dir / CONFIG_FILE),
+                                    str(run_dir / CONFIG_FILE))
     info_path = run_dir / RUN_INFO_FILE
     return config, RunInfo.from_dict(cfg.load_yaml(info_path), info_path)
 

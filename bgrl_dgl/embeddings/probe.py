@@ -170,14 +170,16 @@ def _check_weight_decays(weight_decays: Sequence[float]) -> list[float]:
     if not decays:
         raise ValueError("weight_decays is empty")
     if not all(math.isfinite(d) and d >= 0 for d in decays):
-        raise ValueError(f"weight decays must be finite and non-negative, got {list(weight_decays)}")
+        raise ValueError("weight decays must be finite and non-negative, "
+                         f"got {list(weight_decays)}")
     return decays
 
 
 def _check_embeddings(embeddings: np.ndarray | torch.Tensor) -> int:
     """Number of rows of a floating-point [N, D] matrix with D >= 1."""
     if embeddings.ndim != 2 or embeddings.shape[1] == 0:
-        raise ValueError(f"embeddings must be [N, D] with D >= 1, got shape {tuple(embeddings.shape)}")
+        raise ValueError(f"embeddings must be [N, D] with D >= 1, got shape "
+                         f"{tuple(embeddings.shape)}")
     floating = (embeddings.is_floating_point() if isinstance(embeddings, torch.Tensor)
                 else np.issubdtype(embeddings.dtype, np.floating))
     if not floating:
@@ -189,18 +191,22 @@ def _check_labels(labels: np.ndarray, num_nodes: int) -> tuple[np.ndarray, np.nd
     """(labels, labelled mask [N] bool) for [N] class ids or [N, C] 0/1 multi-labels."""
     labels = np.asarray(labels)
     if labels.ndim not in (1, 2) or labels.shape[0] != num_nodes:
-        raise ValueError(f"labels must be [{num_nodes}] or [{num_nodes}, C], got shape {labels.shape}")
-    if not (np.issubdtype(labels.dtype, np.integer) or (labels.ndim == 2 and labels.dtype == np.bool_)):
+        raise ValueError(f"labels must be [{num_nodes}] or [{num_nodes}, C], got shape "
+                         f"{labels.shape}")
+    if not (np.issubdtype(labels.dtype,
+                          np.integer) or (labels.ndim == 2 and labels.dtype == np.bool_)):
         raise ValueError(f"labels must be integers, got {labels.dtype}")
     if labels.ndim == 1:
         return labels, labels >= 0
     labelled = (labels >= 0).all(axis=1)
     if (labels[labelled] > 1).any():
-        raise ValueError("multi-label labels must be 0 or 1 (a negative entry marks an unlabelled row)")
+        raise ValueError("multi-label labels must be 0 or 1 (a negative entry marks an unlabelled "
+                         "row)")
     return labels, labelled
 
 
-def _labelled_split_ids(splits: dict[str, np.ndarray], labelled: np.ndarray) -> dict[str, np.ndarray]:
+def _labelled_split_ids(splits: dict[str, np.ndarray], labelled: np.ndarray) -> dict[str,
+                                                                                     np.ndarray]:
     """The labelled node ids [n] int64 of each of train/valid/test."""
     missing = [name for name in SPLIT_NAMES if name not in splits]
     if missing:
@@ -209,7 +215,8 @@ def _labelled_split_ids(splits: dict[str, np.ndarray], labelled: np.ndarray) -> 
     for name in SPLIT_NAMES:
         nodes = np.asarray(splits[name])
         if nodes.ndim != 1 or not np.issubdtype(nodes.dtype, np.integer):
-            raise ValueError(f"split {name!r} must be a 1-D integer array, got {nodes.dtype} {nodes.shape}")
+            raise ValueError(f"split {name!r} must be a 1-D integer array, got {nodes.dtype} "
+                             f"{nodes.shape}")
         if nodes.size and (nodes.min() < 0 or nodes.max() >= labelled.size):
             raise ValueError(f"split {name!r} has node ids outside [0, {labelled.size})")
         nodes = nodes[labelled[nodes]].astype(np.int64)
@@ -246,7 +253,8 @@ def _targets(labels: np.ndarray, nodes: np.ndarray, device: torch.device | str) 
 
 
 def _regularisation_path(x: torch.Tensor, y: torch.Tensor, task: _Task, decays: list[float],
-                         num_classes: int, max_iter: int) -> dict[float, tuple[torch.Tensor, torch.Tensor]]:
+                         num_classes: int, max_iter: int) -> dict[float, tuple[torch.Tensor,
+                                                                               torch.Tensor]]:
     """Weight [D, C] and bias [C] minimising ``task.loss + decay / 2 * ||weight||^2`` for each
     decay of ``decays`` (strongest first), each solve starting from the previous solution."""
     weight = x.new_zeros(x.shape[1], num_classes)

@@ -30,11 +30,14 @@ from bgrl_dgl.store.reader import GraphStore, read_node_ids
 
 @dataclass
 class SamplingConfig:
-    fanouts: list[int] = field([10, 10], "neighbours sampled per layer, input layer first; -1 = all")
+    fanouts: list[int] = field([10, 10],
+                               "neighbours sampled per layer, input layer first; -1 = all")
     batch_size: int = field(256, "seed nodes per batch (per process)")
     num_workers: int = field(1, "sampling worker processes (0 = sample in the training process)")
-    seeds: str = field("all", "seed nodes: 'all', 'split:NAME' (e.g. split:train) or a .npy file of ids")
-    graph_degrees: bool = field(True, "normalise GCN layers by whole-graph degrees, not sampled ones")
+    seeds: str = field("all", "seed nodes: 'all', 'split:NAME' (e.g. split:train) or a .npy file "
+                              "of ids")
+    graph_degrees: bool = field(True, "normalise GCN layers by whole-graph degrees, not sampled "
+                                      "ones")
     cache_bytes: int = field(0, "host memory for the feature rows of hot nodes, shared by the "
                                 "machine's processes (e.g. 2GB; 0 = no cache)", parse=parse_size)
     cache_policy: CachePolicy = field("degree", "which nodes the cache holds: 'degree' (highest "

@@ -32,7 +32,8 @@ class SampledView:
     """One sampled computation graph: ``adjs[0]`` consumes ``features``.
 
     ``input_nodes``: [adjs[0].num_src] int64 store ids; ``features``: [adjs[0].num_src, F]
-    in the store's dtype (float16 or float32), float32 once moved by :meth:`to`; ``adjs[-1].num_dst`` equals the number of seed nodes. ``cache_hits`` and
+    in the store's dtype (float16 or float32), float32 once moved by :meth:`to`;
+    ``adjs[-1].num_dst`` equals the number of seed nodes. ``cache_hits`` and
     ``cache_misses`` count the feature rows found in and missing from the feature cache (both 0
     without one).
     """

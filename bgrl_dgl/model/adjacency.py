@@ -39,9 +39,11 @@ class Adjacency:
         self.num_src = int(num_src)
         self.num_dst = indptr.numel() - 1
         if src_degree is not None and src_degree.shape != (self.num_src,):
-            raise ValueError(f"src_degree must have shape [{self.num_src}], got {list(src_degree.shape)}")
+            raise ValueError(f"src_degree must have shape [{self.num_src}], got "
+                             f"{list(src_degree.shape)}")
         if dst_degree is not None and dst_degree.shape != (self.num_dst,):
-            raise ValueError(f"dst_degree must have shape [{self.num_dst}], got {list(dst_degree.shape)}")
+            raise ValueError(f"dst_degree must have shape [{self.num_dst}], got "
+                             f"{list(dst_degree.shape)}")
         self.src_degree = None if src_degree is None else src_degree.float()
         self.dst_degree = None if dst_degree is None else dst_degree.float()
 
@@ -116,7 +118,8 @@ class Adjacency:
         degrees grow by one, since in the whole graph every node gains a self loop.
         """
         if self.num_src < self.num_dst:
-            raise ValueError("a block needs its destination nodes among its sources to add self loops")
+            raise ValueError("a block needs its destination nodes among its sources to add self "
+                             "loops")
         destinations = torch.arange(self.num_dst + 1, device=self.device)
         indptr = self.indptr + destinations
         # Edge e of destination v moves right by v + 1 slots: v earlier self loops plus its own.
@@ -134,7 +137,8 @@ class Adjacency:
         Attached whole-graph degrees are kept unchanged.
         """
         if mask.shape != (self.num_edges,):
-            raise ValueError(f"edge mask must have shape [{self.num_edges}], got {list(mask.shape)}")
+            raise ValueError(f"edge mask must have shape [{self.num_edges}], "
+                             f"got {list(mask.shape)}")
         kept_before = torch.zeros(self.num_edges + 1, dtype=torch.long, device=self.device)
         torch.cumsum(mask, 0, out=kept_before[1:])
         return Adjacency(kept_before[self.indptr], self.indices[mask], self.num_src,
@@ -249,5 +253,6 @@ def _edge_values(adj: Adjacency, edge_weight: torch.Tensor | None,
     if edge_weight is None:
         return torch.ones(adj.num_edges, dtype=like.dtype, device=like.device)
     if edge_weight.shape != (adj.num_edges,):
-        raise ValueError(f"edge weights must have shape [{adj.num_edges}], got {list(edge_weight.shape)}")
+        raise ValueError(f"edge weights must have shape [{adj.num_edges}], got "
+                         f"{list(edge_weight.shape)}")
     return edge_weight.to(like.dtype).contiguous()

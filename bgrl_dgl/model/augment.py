@@ -42,7 +42,8 @@ class AugmentConfig:
         for name in ("edge_drop", "feature_mask"):
             rates = getattr(self, name)
             if len(rates) != 2:
-                raise ValueError(f"{name} needs exactly 2 probabilities (one per view), got {len(rates)}")
+                raise ValueError(f"{name} needs exactly 2 probabilities (one per view), got "
+                                 f"{len(rates)}")
             for rate in rates:
                 if not 0.0 <= rate < 1.0:
                     raise ValueError(f"{name} probabilities must lie in [0, 1), got {rate}")

@@ -21,10 +21,13 @@ from bgrl_dgl.model.conv import GATConv, GCNConv, SAGEConv
 @dataclass
 class ModelConfig:
     conv: Literal["gcn", "sage", "gat"] = field("gcn", "graph convolution of every encoder layer")
-    hidden: list[int] = field([512, 512], "output size of each encoder layer; the last is the embedding size")
+    hidden: list[int] = field([512, 512], "output size of each encoder layer; the last is the "
+                                          "embedding size")
     norm: Literal["batch", "layer", "none"] = field("batch", "normalisation after each convolution")
-    final_activation: bool = field(True, "normalise and apply PReLU after the last layer too, as BGRL's encoder does")
-    heads: int = field(4, "attention heads of GAT layers; each layer's size is split across its heads")
+    final_activation: bool = field(True, "normalise and apply PReLU after the last layer too, as "
+                                         "BGRL's encoder does")
+    heads: int = field(4, "attention heads of GAT layers; each layer's size is split across its "
+                          "heads")
     gcn_self_loops: bool = field(True, "GCN layers add a self loop to every destination node")
     dropout: float = field(0.0, "dropout on the input of every layer")
     predictor_hidden: int = field(512, "hidden size of the predictor MLP")
@@ -41,7 +44,8 @@ class ModelConfig:
         if self.heads <= 0:
             raise ValueError(f"heads must be positive, got {self.heads}")
         if self.conv == "gat" and any(size % self.heads for size in self.hidden):
-            raise ValueError(f"with conv gat every hidden size must be divisible by heads={self.heads}, "
+            raise ValueError(f"with conv gat every hidden size must be divisible by "
+                             f"heads={self.heads}, "
                              f"got {self.hidden}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")

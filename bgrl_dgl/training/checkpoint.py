@@ -89,9 +89,11 @@ def load_checkpoint(path: Path) -> dict:
         if isinstance(err, pickle.UnpicklingError) and refused:
             raise InputError(path, "refusing to load a checkpoint holding objects other than "
                                    f"tensors and plain data ({refused.group(0)})") from None
-        raise InputError(path, "corrupt or truncated checkpoint (not a readable torch file)") from None
+        raise InputError(path,
+                         "corrupt or truncated checkpoint (not a readable torch file)") from None
     if not isinstance(state, dict):
-        raise InputError(path, f"not a checkpoint: holds a {type(state).__name__}, expected a mapping")
+        raise InputError(path, f"not a checkpoint: holds a {type(state).__name__}, expected a "
+                               f"mapping")
     return state
 
 
@@ -117,7 +119,8 @@ def restore_rng(state: dict[str, Any]) -> None:
     version, mt_state, gauss_next = state["python"]
     random.setstate((version, tuple(mt_state), gauss_next))
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
-    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss,
+                         np_gauss))
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available():
         for device, cuda_state in enumerate(state.get("cuda", [])[: torch.cuda.device_count()]):

@@ -46,7 +46,8 @@ class RunConfig:
         "auto", "where the model runs (auto: cuda if each process on the machine gets a GPU)")
     threads: int = field(0, "torch CPU threads of the training process (0: the usable cores "
                             "left after the sampling workers, at least 1)")
-    checkpoint_every: int = field(500, "steps between checkpoints (one is always written at the end)")
+    checkpoint_every: int = field(500, "steps between checkpoints (one is always written at the "
+                                       "end)")
     log_every: int = field(10, "steps between lines of metrics.jsonl")
     sync_check_every: int = field(100, "steps between checks that the target encoders of all "
                                        "processes are identical (multi-process runs)")

@@ -247,7 +247,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         rank_rng = state.get("rank_rng", [state["rng"]])
-        restore_rng(rank_rng[self.world.rank] if saved_world == self.world.world_size else state["rng"])
+        same_world = saved_world == self.world.world_size
+        restore_rng(rank_rng[self.world.rank] if same_world else state["rng"])
 
 
 def build_trainer(config: TrainConfig, store: GraphStore, run_dir: Path, device: torch.device,

@@ -43,7 +43,8 @@ class GATConv(nn.Module):
         h = scaled_linear(self.fc, x, input_scale).view(-1, self.heads, self.head_dim)
         score_src = (h * self.attn_l).sum(-1)
         score_dst = (h[: adj.num_dst] * self.attn_r).sum(-1)
-        scores = F.leaky_relu(score_src[adj.indices] + score_dst[adj.dst_index], self.negative_slope)
+        scores = F.leaky_relu(score_src[adj.indices] + score_dst[adj.dst_index],
+                              self.negative_slope)
         attention = segment_softmax(scores, adj)
         heads = [weighted_sum(adj, attention[:, k], h[:, k]) for k in range(self.heads)]
         return torch.cat(heads, dim=-1) + self.bias

@@ -33,8 +33,10 @@ class SAGEConv(nn.Module):
         check_rows(adj, x)
         inverse_degree = adj.in_degrees().clamp(min=1).reciprocal().to(x.dtype).unsqueeze(-1)
         if self.in_dim > self.out_dim:  # project first: aggregate the narrower features
-            neighbours = weighted_sum(adj, None, scaled_linear(self.fc_neigh, x, input_scale)) * inverse_degree
+            neighbours = weighted_sum(adj, None, scaled_linear(self.fc_neigh, x,
+                                                               input_scale)) * inverse_degree
         else:
-            neighbours = scaled_linear(self.fc_neigh, weighted_sum(adj, None, x) * inverse_degree, input_scale)
+            neighbours = scaled_linear(self.fc_neigh, weighted_sum(adj, None, x) * inverse_degree,
+                                       input_scale)
         return scaled_linear(self.fc_self, x[: adj.num_dst], input_scale) + neighbours
 

@@ -136,7 +136,8 @@ def test_random_split_probe_summarises_one_probe_per_seeded_split():
                                  weight_decays=grid)
     assert len(summary.results) == 3
     for i, result in enumerate(summary.results):
-        assert result == linear_probe(embeddings, labels, stratified_split(labels, FRACTIONS, 10 + i),
+        assert result == linear_probe(embeddings, labels, stratified_split(labels, FRACTIONS,
+                                                                           10 + i),
                                       weight_decays=grid)
     tests = [r.test_acc for r in summary.results]
     assert summary.test_mean == pytest.approx(np.mean(tests))
@@ -156,16 +157,17 @@ def test_summarize_formats_mean_and_std():
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda e, l, s: (e[:, 0], l, s), "embeddings must be"),
-    (lambda e, l, s: (e.astype(np.int64), l, s), "floating point"),
-    (lambda e, l, s: (e, l[:-1], s), "labels must be"),
-    (lambda e, l, s: (e, l.astype(np.float32), s), "labels must be integers"),
-    (lambda e, l, s: (e, np.stack([l, 2 * l], 1), s), "must be 0 or 1"),
-    (lambda e, l, s: (e, l, {"train": s["train"], "test": s["test"]}), "lack"),
-    (lambda e, l, s: (e, l, {**s, "test": np.array([0, 10_000])}), "outside"),
-    (lambda e, l, s: (e, l, {**s, "valid": s["valid"].reshape(-1, 1)}), "1-D integer"),
-    (lambda e, l, s: (e, l, {**s, "valid": np.array([], np.int64)}), "no labelled nodes"),
-    (lambda e, l, s: (e, np.where(np.isin(np.arange(len(l)), s["train"]), -1, l), s), "no labelled"),
+    (lambda e, y, s: (e[:, 0], y, s), "embeddings must be"),
+    (lambda e, y, s: (e.astype(np.int64), y, s), "floating point"),
+    (lambda e, y, s: (e, y[:-1], s), "labels must be"),
+    (lambda e, y, s: (e, y.astype(np.float32), s), "labels must be integers"),
+    (lambda e, y, s: (e, np.stack([y, 2 * y], 1), s), "must be 0 or 1"),
+    (lambda e, y, s: (e, y, {"train": s["train"], "test": s["test"]}), "lack"),
+    (lambda e, y, s: (e, y, {**s, "test": np.array([0, 10_000])}), "outside"),
+    (lambda e, y, s: (e, y, {**s, "valid": s["valid"].reshape(-1, 1)}), "1-D integer"),
+    (lambda e, y, s: (e, y, {**s, "valid": np.array([], np.int64)}), "no labelled nodes"),
+    (lambda e, y, s: (e, np.where(np.isin(np.arange(len(y)), s["train"]), -1, y), s),
+     "no labelled"),
 ])
 def test_bad_inputs_raise_value_error(change, message):
     embeddings, labels = blobs(100, 4, 2, separation=1.0)

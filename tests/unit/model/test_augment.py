@@ -138,7 +138,8 @@ def test_augment_view_drops_in_every_block_and_masks_features() -> None:
 def test_cpu_generator_gives_same_augmentation_on_cuda() -> None:
     adj = random_adjacency(200, 50, 2000)
     x = torch.rand(200, 32)
-    cpu_adjs, cpu_x, _ = augment_view([adj], x, 0.3, 0.3, "element", torch.Generator().manual_seed(5))
+    cpu_adjs, cpu_x, _ = augment_view([adj], x, 0.3, 0.3, "element",
+                                      torch.Generator().manual_seed(5))
     gpu_adjs, gpu_x, _ = augment_view([adj.to("cuda")], x.cuda(), 0.3, 0.3, "element",
                                    torch.Generator().manual_seed(5))
     assert gpu_x.is_cuda and gpu_adjs[0].indices.is_cuda

@@ -34,7 +34,8 @@ class MeanEncoder(nn.Module):
 def ring_adjacency(num_nodes: int) -> Adjacency:
     """Full graph as one block: every node's in-neighbours are its two ring neighbours."""
     nodes = torch.arange(num_nodes)
-    sources = torch.stack([(nodes - 1) % num_nodes, (nodes + 1) % num_nodes], dim=1).sort(dim=1).values
+    sources = torch.stack([(nodes - 1) % num_nodes, (nodes + 1) % num_nodes],
+                          dim=1).sort(dim=1).values
     indptr = torch.arange(0, 2 * num_nodes + 1, 2)
     return Adjacency(indptr=indptr, indices=sources.reshape(-1), num_src=num_nodes)
 
@@ -144,7 +145,8 @@ def test_update_target_is_exact_ema(tau: float) -> None:
         else:  # integer buffers are copied
             assert torch.equal(target[name], online[name]), name
     if tau == 1.0:
-        assert all(torch.equal(before[k], target[k]) for k in before if before[k].is_floating_point())
+        assert all(torch.equal(before[k],
+                               target[k]) for k in before if before[k].is_floating_point())
     if tau == 0.0:
         assert all(torch.equal(online[k], target[k]) for k in online)
     assert all(not p.requires_grad for p in model.target.parameters())
@@ -173,7 +175,9 @@ def test_bootstrap_loss_values_and_stop_gradient() -> None:
 
 
 def test_embedding_std() -> None:
-    assert embedding_std(torch.ones(50, 8) * torch.arange(1.0, 51.0)[:, None]) == pytest.approx(0.0, abs=1e-6)
+    assert embedding_std(torch.ones(50, 8) * torch.arange(1.0, 51.0)[:,
+                                                                     None]) == pytest.approx(0.0,
+                                                                                             abs=1e-6)
     healthy = embedding_std(torch.randn(20_000, 64, generator=torch.Generator().manual_seed(0)))
     assert healthy == pytest.approx(1 / math.sqrt(64), rel=0.05)
     assert math.isnan(embedding_std(torch.randn(1, 8)))

@@ -173,7 +173,8 @@ def test_weighted_sum_paths_match_dense_product(graph):
     unweighted = dense_matrix(adj, torch.ones(adj.num_edges)) @ x
     torch.testing.assert_close(weighted_sum(adj, None, x), unweighted)
     three_d = x.view(adj.num_src, 7, 1).expand(-1, -1, 2)
-    torch.testing.assert_close(weighted_sum(adj, None, three_d), unweighted[..., None].expand(-1, -1, 2))
+    torch.testing.assert_close(weighted_sum(adj, None, three_d),
+                               unweighted[..., None].expand(-1, -1, 2))
 
 
 def test_weighted_sum_gradients_pass_gradcheck():
@@ -308,7 +309,8 @@ def test_model_config_rejects_bad_values(kwargs, message):
 def test_model_config_defaults_and_help():
     import dataclasses
     config = ModelConfig()
-    assert (config.conv, config.hidden, config.norm, config.heads) == ("gcn", [512, 512], "batch", 4)
+    assert (config.conv, config.hidden, config.norm, config.heads) == ("gcn", [512, 512], "batch",
+                                                                       4)
     assert config.hidden is not ModelConfig().hidden
     assert all(f.metadata.get("help") for f in dataclasses.fields(ModelConfig))
 
@@ -324,7 +326,8 @@ def test_encoder_maps_input_nodes_to_seed_embeddings(graph, conv, norm):
     out = encoder(adjs, x)
     assert (encoder.num_layers, encoder.out_dim) == (2, 8)
     assert out.shape == (blocks[-1].num_dst_nodes(), 8)
-    torch.testing.assert_close(out, encoder.layer_forward(1, adjs[1], encoder.layer_forward(0, adjs[0], x)))
+    first = encoder.layer_forward(0, adjs[0], x)
+    torch.testing.assert_close(out, encoder.layer_forward(1, adjs[1], first))
     out.square().sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in encoder.parameters())
     assert x.grad.abs().sum() > 0
@@ -361,7 +364,8 @@ def test_encoder_final_activation_switch(graph):
     activated = Encoder(IN_DIM, ModelConfig(hidden=[16, 8]))
     activated.load_state_dict(bare.state_dict(), strict=False)
     last = activated.convs[1](adjs[1], activated.layer_forward(0, adjs[0], x))
-    torch.testing.assert_close(activated(adjs, x), activated.activations[1](activated.norms[1](last)))
+    torch.testing.assert_close(activated(adjs, x),
+                               activated.activations[1](activated.norms[1](last)))
     assert isinstance(activated.norms[1], torch.nn.BatchNorm1d)
 
 
@@ -377,7 +381,8 @@ def test_encoder_checks_number_of_blocks_and_rows(graph):
 def test_encoder_runs_on_a_whole_graph(graph):
     adj = Adjacency.from_block(graph)
     encoder = Encoder(IN_DIM, ModelConfig(conv="sage", hidden=[8, 4]))
-    assert encoder([adj, adj], torch.randn(graph.num_nodes(), IN_DIM)).shape == (graph.num_nodes(), 4)
+    assert encoder([adj, adj], torch.randn(graph.num_nodes(),
+                                           IN_DIM)).shape == (graph.num_nodes(), 4)
 
 
 def test_predictor_keeps_shape_and_is_an_mlp():
@@ -441,7 +446,8 @@ def test_model_config_loads_through_config_sections():
     from bgrl_dgl.config import add_arguments, section_from_dict
     from bgrl_dgl.errors import InputError
 
-    config = section_from_dict(ModelConfig, {"conv": "gat", "hidden": [8, 4], "heads": 2}, "run.yaml")
+    config = section_from_dict(ModelConfig, {"conv": "gat", "hidden": [8, 4], "heads": 2},
+                               "run.yaml")
     assert (config.conv, config.hidden, config.heads) == ("gat", [8, 4], 2)
     with pytest.raises(InputError, match="divisible"):
         section_from_dict(ModelConfig, {"conv": "gat", "hidden": [6], "heads": 4}, "run.yaml")
