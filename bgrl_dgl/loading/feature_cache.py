@@ -44,7 +44,6 @@ context; registering the whole cache would pin gigabytes that are never copied a
 """
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import json
@@ -52,7 +51,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import dgl
 import numpy as np
@@ -64,7 +63,6 @@ from bgrl_dgl.loading.sampler import BlockSampler
 from bgrl_dgl.store.format import NpyWriter
 
 if TYPE_CHECKING:
-    from bgrl_dgl.loading.loader import SamplingConfig
     from bgrl_dgl.store.reader import GraphStore
 
 CachePolicy = Literal["degree", "sampled"]
@@ -293,16 +291,3 @@ def adopt_if_orphaned(directory: Path) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def training_cache(store: "GraphStore", config: "SamplingConfig", seed_nodes: np.ndarray,
-                   seed: int) -> Iterator[FeatureCache | None]:
-    """The feature cache of a training run (None when ``config.cache_bytes`` is 0), closed
-    (and removed, if this process wrote it) when the run ends."""
-    budget = config.cache_bytes
-    if budget == 0:
-        yield None
-        return
-    with FeatureCache.build(store, budget, config.cache_policy, fanouts=config.fanouts,
-                            seed_nodes=seed_nodes, batch_size=config.batch_size,
-                            seed=seed) as cache:
-        yield cache

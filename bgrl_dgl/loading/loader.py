@@ -11,6 +11,7 @@ resumed run sees exactly the batches an uninterrupted one would.
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,3 +241,19 @@ def _worker_init(_: int) -> None:
     # multiprocessing terminates leftover workers with it at exit.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
+
+
+@contextlib.contextmanager
+def training_cache(store: "GraphStore", config: "SamplingConfig", seed_nodes: np.ndarray,
+                   seed: int) -> Iterator[FeatureCache | None]:
+    """The feature cache of a training run (None when ``config.cache_bytes`` is 0), closed
+    (and removed, if this process wrote it) when the run ends."""
+    budget = config.cache_bytes
+    if budget == 0:
+        yield None
+        return
+    with FeatureCache.build(store, budget, config.cache_policy, fanouts=config.fanouts,
+                            seed_nodes=seed_nodes, batch_size=config.batch_size,
+                            seed=seed) as cache:
+        yield cache
+

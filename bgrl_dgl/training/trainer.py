@@ -28,8 +28,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from bgrl_dgl import config as cfg
-from bgrl_dgl.loading.feature_cache import check_cache_budget, training_cache
-from bgrl_dgl.loading.loader import BatchLoader, SeedSchedule
+from bgrl_dgl.loading.feature_cache import check_cache_budget
+from bgrl_dgl.loading.loader import BatchLoader, SeedSchedule, training_cache
 from bgrl_dgl.loading.sampler import SampledBatch
 from bgrl_dgl.model.augment import augment_view
 from bgrl_dgl.model.bgrl import OnlineBranch, build_model, cosine_tau, embedding_std
