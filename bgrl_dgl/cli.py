@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
-from typing import Callable, Sequence
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 from bgrl_dgl import config as cfg
 from bgrl_dgl.errors import InputError, RunError
@@ -44,9 +48,10 @@ def run_prepare(args: argparse.Namespace) -> int:
 
     params = {k: v for k, v in vars(args).items()
               if k not in ("handler", "build", "debug", "command") and not callable(v)}
-    with StoreWriter(args.out, overwrite=args.overwrite, memory_budget=args.memory_budget,
-                     feature_dtype=args.feature_dtype,
-                     source={"name": args.source_name, "params": params}) as writer:
+    with terminate_as_interrupt(), StoreWriter(
+            args.out, overwrite=args.overwrite, memory_budget=args.memory_budget,
+            feature_dtype=args.feature_dtype,
+            source={"name": args.source_name, "params": params}) as writer:
         args.build(args, writer)
         path = writer.commit()
     from bgrl_dgl.store.reader import GraphStore
@@ -55,6 +60,24 @@ def run_prepare(args: argparse.Namespace) -> int:
     print(f"wrote {path}: {summary['num_nodes']:,} nodes, {summary['num_edges']:,} edges, "
           f"{summary['feat_dim']}-d {summary['feat_dtype']} features")
     return 0
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt inside, so that a terminated command, like an
+    interrupted one, removes what it had half-written on its way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def add_info_parser(commands: argparse._SubParsersAction) -> None:
@@ -293,6 +316,27 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     return parser
 
 
+def os_error_line(err: OSError, args: argparse.Namespace) -> str:
+    """``<path>: <problem>`` for an OSError: its own file name, else the command's output or
+    input (an error such as ENOSPC from a write names no file)."""
+    path = err.filename
+    if path is None:
+        path = next((value for value in (getattr(args, name, None) for name in
+                                         ("out", "data", "run", "embeddings")) if value), None)
+    problem = err.strerror or str(err) or type(err).__name__
+    if err.filename2 is not None:
+        problem = f"{problem} (with {os.fsdecode(err.filename2)})"
+    return problem if path is None else f"{os.fsdecode(path)}: {problem}"
+
+
+def _fail(line: str, code: int) -> int:
+    # One write with its newline: the lines of processes sharing a stderr (ranks under
+    # torchrun) must not interleave.
+    sys.stderr.write(f"error: {line}\n")
+    sys.stderr.flush()
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -304,11 +348,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InputError, RunError) as err:
         if debug:
             raise
-        # One write with its newline: the lines of processes sharing a stderr (ranks under
-        # torchrun) must not interleave.
-        sys.stderr.write(f"error: {err}\n")
-        sys.stderr.flush()
-        return 2 if isinstance(err, InputError) else 1
+        return _fail(str(err), 2 if isinstance(err, InputError) else 1)
+    except OSError as err:
+        if debug:
+            raise
+        return _fail(os_error_line(err, args), 2)
+    except MemoryError:
+        if debug:
+            raise
+        return _fail(f"{args.command}: out of memory (the input is too large for this "
+                     "machine's free memory)", 1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

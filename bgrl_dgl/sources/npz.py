@@ -22,6 +22,8 @@ import scipy.sparse as sp
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.sources import UNDIRECTED, Source
 from bgrl_dgl.splits import DEFAULT_FRACTIONS, parse_fractions, stratified_split
+from bgrl_dgl.store.capacity import StorePlan, check_memory
+from bgrl_dgl.store.format import regular_file
 
 if TYPE_CHECKING:
     from bgrl_dgl.store.writer import StoreWriter
@@ -31,6 +33,8 @@ REQUIRED_KEYS = (*(f"adj_{part}" for part in CSR_PARTS),
                  *(f"attr_{part}" for part in CSR_PARTS), "labels")
 # Working bytes per edge while streaming: its CSR position, source and destination ids.
 EDGE_CHUNK_BYTES = 3 * 8
+# Memory per node while the split is drawn and the labels are stored (sorts and copies).
+SPLIT_BYTES_PER_NODE = 48
 
 
 @dataclass
@@ -56,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build(args: argparse.Namespace, writer: "StoreWriter") -> None:
     graph = read_npz(args.input)
+    writer.plan(sparse_graph_plan(writer, graph.num_nodes, graph.adjacency.nnz, graph.features,
+                                  args, args.input))
     chunk = writer.rows_per_chunk(EDGE_CHUNK_BYTES)
     writer.write_topology(
         graph.num_nodes,
@@ -63,9 +69,19 @@ def build(args: argparse.Namespace, writer: "StoreWriter") -> None:
         source_path=args.input, symmetrize=args.symmetrize, self_loops=args.self_loops,
         dedup=args.dedup)
     write_sparse_features(writer, graph.features, source_path=args.input)
-    writer.write_labels(graph.labels, source_path=args.input)
-    for name, ids in stratified_split(graph.labels, args.split, args.seed).items():
+    labels = writer.write_labels(graph.labels, source_path=args.input)
+    for name, ids in stratified_split(labels, args.split, args.seed).items():
         writer.write_split(name, ids, source_path=args.input)
+
+
+def sparse_graph_plan(writer: "StoreWriter", num_nodes: int, num_edges: int,
+                      features: sp.spmatrix, args: argparse.Namespace,
+                      what: str | Path) -> StorePlan:
+    """The store of a graph held in memory with sparse features, densified as it is written."""
+    stored = writer.stored_dtype(features.dtype, str(what))
+    return StorePlan(num_nodes, num_edges, features.shape[1], stored.itemsize,
+                     symmetrize=args.symmetrize, add_self_loops=args.self_loops == "add",
+                     resident_bytes=SPLIT_BYTES_PER_NODE * num_nodes, what=str(what))
 
 
 def read_npz(path: str | Path) -> NpzGraph:
@@ -91,7 +107,9 @@ def read_npz(path: str | Path) -> NpzGraph:
 
 
 def _load_arrays(path: str | Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Read ``keys`` from the archive at ``path`` (never unpickling anything)."""
+    """Read ``keys`` from the archive at ``path`` (never unpickling anything), once their
+    headers show that they fit in memory (a compressed member can claim any size)."""
+    regular_file(path, ".npz archive")
     try:
         archive = np.load(path, allow_pickle=False)
     except FileNotFoundError:
@@ -104,7 +122,23 @@ def _load_arrays(path: str | Path, keys: tuple[str, ...]) -> dict[str, np.ndarra
         missing = [key for key in keys if key not in archive.files]
         if missing:
             raise InputError(path, f"missing keys: {', '.join(missing)}")
+        declared = sum(member_bytes(path, archive, key) for key in keys)
+        check_memory(declared, path, "loading its arrays (as their headers declare)")
         return {key: _read_member(path, archive, key) for key in keys}
+
+
+def member_bytes(path: str | Path, archive: np.lib.npyio.NpzFile, key: str) -> int:
+    """The bytes member ``key`` of an .npz archive declares in its .npy header."""
+    try:
+        with archive.zip.open(f"{key}.npy") as member:
+            version = np.lib.format.read_magic(member)
+            shape, _, dtype = (np.lib.format.read_array_header_1_0(member) if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0(member))
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as err:
+        raise InputError(path, f"cannot read {key}: {err}") from None
+    if dtype.hasobject:
+        raise InputError(path, f"{key} holds Python objects, which are never loaded")
+    return int(np.prod(shape, dtype=object)) * dtype.itemsize
 
 
 def _read_member(path: str | Path, archive: np.lib.npyio.NpzFile, key: str) -> np.ndarray:

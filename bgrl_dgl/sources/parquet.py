@@ -27,12 +27,17 @@ import pyarrow.parquet as pq
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.sources import Source
 from bgrl_dgl.splits import DEFAULT_FRACTIONS, parse_fractions, stratified_split
+from bgrl_dgl.store.capacity import StorePlan
+from bgrl_dgl.store.format import regular_file
 
 if TYPE_CHECKING:
     from bgrl_dgl.store.writer import StoreWriter
 
 # Working bytes per edge while relabelling: raw ids, local ids and search positions.
 EDGE_CHUNK_BYTES = 6 * 8
+# Memory per node while building: the id index (sorted ids, order, original ids) and the
+# labels with their split.
+RESIDENT_BYTES_PER_NODE = 3 * 8 + 48
 INT64_MAX = np.iinfo(np.int64).max
 
 
@@ -67,14 +72,18 @@ def build(args: argparse.Namespace, writer: "StoreWriter") -> None:
     features = load_node_array(args.features, index.num_nodes, ndim=2, kinds="fiub")
     labels = None if args.labels is None else load_node_array(args.labels, index.num_nodes,
                                                               ndim=1, kinds="iu")
+    writer.plan(StorePlan(index.num_nodes, edges.num_rows(), features.shape[1],
+                          writer.stored_dtype(features.dtype, args.features).itemsize,
+                          symmetrize=args.symmetrize, add_self_loops=args.self_loops == "add",
+                          resident_bytes=RESIDENT_BYTES_PER_NODE * index.num_nodes,
+                          what=args.edges))
     writer.write_topology(index.num_nodes, lambda: index.relabel(edges),
                           source_path=args.edges, symmetrize=args.symmetrize,
                           self_loops=args.self_loops, dedup=args.dedup)
     writer.write_orig_ids(index.orig_ids, source_path=args.node_ids or args.edges)
     writer.write_feature_array(features, source_path=args.features)
     if labels is not None:
-        labels = np.asarray(labels, dtype=np.int64)
-        writer.write_labels(labels, source_path=args.labels)
+        labels = writer.write_labels(np.asarray(labels, dtype=np.int64), source_path=args.labels)
         for name, ids in stratified_split(labels, args.split, args.seed).items():
             writer.write_split(name, ids, source_path=args.labels)
 
@@ -97,6 +106,14 @@ class EdgeList:
                 check_id_columns(path, file.schema_arrow, (src_column, dst_column))
         return cls(paths, src_column, dst_column, batch_rows)
 
+    def num_rows(self) -> int:
+        """Edges in all files, from their footers."""
+        total = 0
+        for path in self.paths:
+            with _parquet_file(path) as file:
+                total += file.metadata.num_rows
+        return total
+
     def chunks(self) -> Iterator[tuple[Path, np.ndarray, np.ndarray]]:
         """(file, src, dst) batches of at most ``batch_rows`` raw int64 ids, file by file."""
         columns = [self.src_column, self.dst_column]
@@ -117,9 +134,7 @@ def parquet_paths(edges: Path) -> list[Path]:
         if not paths:
             raise InputError(edges, "directory contains no *.parquet files")
         return paths
-    if not edges.exists():
-        raise InputError(edges, "file not found")
-    return [edges]
+    return [regular_file(edges, "Parquet file")]
 
 
 def _parquet_file(path: Path) -> pq.ParquetFile:
@@ -242,6 +257,7 @@ def merge_unique(parts: list[np.ndarray]) -> np.ndarray:
 
 def load_npy(path: str | Path, *, ndim: int, kinds: str) -> np.ndarray:
     """Memory-map the ``.npy`` array at ``path``: ``ndim`` dimensions, dtype kind in ``kinds``."""
+    regular_file(path, ".npy file")
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError:

@@ -25,8 +25,9 @@ import scipy.sparse as sp
 
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.sources import UNDIRECTED, Source
-from bgrl_dgl.sources.npz import write_sparse_features
-from bgrl_dgl.sources.safe_pickle import load_restricted
+from bgrl_dgl.sources.npz import sparse_graph_plan, write_sparse_features
+from bgrl_dgl.sources.safe_pickle import checked_sparse, load_restricted
+from bgrl_dgl.store.format import regular_file
 
 if TYPE_CHECKING:
     from bgrl_dgl.store.writer import StoreWriter
@@ -62,6 +63,9 @@ def build(args: argparse.Namespace, writer: "StoreWriter") -> None:
     files = planetoid_files(args.root, args.name)
     graph = read_planetoid(files)
     graph_path = str(files["graph"])
+    writer.plan(sparse_graph_plan(writer, graph.num_nodes,
+                                  sum(map(len, graph.adjacency.values())), graph.features,
+                                  args, files["allx"]))
     writer.write_topology(graph.num_nodes, lambda: adjacency_edge_chunks(graph.adjacency),
                           source_path=graph_path, symmetrize=args.symmetrize,
                           self_loops=args.self_loops, dedup=args.dedup)
@@ -76,8 +80,7 @@ def planetoid_files(root: str | Path, name: str) -> dict[str, Path]:
     """part -> path of ``ind.NAME.part``; InputError naming the first missing file."""
     files = {part: Path(root) / f"ind.{name}.{part}" for part in (*PICKLED_PARTS, "test.index")}
     for path in files.values():
-        if not path.is_file():
-            raise InputError(path, "file not found")
+        regular_file(path, "Planetoid file")
     return files
 
 
@@ -89,7 +92,7 @@ def read_planetoid(files: dict[str, Path]) -> PlanetoidGraph:
     ally = _onehot_labels(files["ally"], parts["ally"], allx.shape[0])
     ty = _onehot_labels(files["ty"], parts["ty"], tx.shape[0])
     num_train = _onehot_labels(files["y"], parts["y"], None).shape[0]
-    test_index = read_test_index(files["test.index"], tx.shape[0])
+    test_index = read_test_index(files["test.index"], tx.shape[0], allx.shape[0])
     if tx.shape[1] != allx.shape[1]:
         raise InputError(files["tx"],
                          f"has {tx.shape[1]} feature columns, allx has {allx.shape[1]}")
@@ -137,15 +140,14 @@ def public_split(num_train: int, test_index: np.ndarray,
 
 
 def _feature_matrix(path: Path, value: object) -> sp.csr_matrix:
-    if not (sp.issparse(value) or isinstance(value, np.ndarray)) or len(value.shape) != 2:
-        raise InputError(path, f"expected a 2-D feature matrix, found {_describe(value)}")
-    return sp.csr_matrix(value)
+    return checked_sparse(value, path, "feature matrix")
 
 
 def _onehot_labels(path: Path, value: object, num_rows: int | None) -> np.ndarray:
     """A [num_rows, C] one-hot label array (num_rows None: any)."""
-    if not isinstance(value, np.ndarray) or value.ndim != 2:
-        raise InputError(path, f"expected a 2-D one-hot label array, found {_describe(value)}")
+    if not isinstance(value, np.ndarray) or value.ndim != 2 or value.dtype.kind not in "biuf":
+        raise InputError(path, f"expected a 2-D numeric one-hot label array, found "
+                               f"{_describe(value)}")
     if num_rows is not None and value.shape[0] != num_rows:
         raise InputError(path, f"has {value.shape[0]} rows, expected {num_rows} "
                                "(one per row of the matching features)")
@@ -154,7 +156,9 @@ def _onehot_labels(path: Path, value: object, num_rows: int | None) -> np.ndarra
 
 def _describe(value: object) -> str:
     shape = getattr(value, "shape", None)
-    return type(value).__name__ + ("" if shape is None else f" of shape {tuple(shape)}")
+    dtype = getattr(value, "dtype", None)
+    return (type(value).__name__ + ("" if dtype is None else f" of {dtype}")
+            + ("" if shape is None else f" of shape {tuple(shape)}"))
 
 
 def labels_from_onehot(onehot: np.ndarray) -> np.ndarray:
@@ -162,18 +166,28 @@ def labels_from_onehot(onehot: np.ndarray) -> np.ndarray:
     return np.where(onehot.any(axis=1), onehot.argmax(axis=1), -1).astype(np.int64)
 
 
-def read_test_index(path: Path, num_rows: int) -> np.ndarray:
-    """The node ids in ``test.index`` (one per line), one per row of ``tx``; [num_rows] int64."""
+def read_test_index(path: Path, num_rows: int, num_known: int = 0) -> np.ndarray:
+    """The node ids in ``test.index`` (one per line), one per row of ``tx``; [num_rows] int64.
+
+    Ids lie in [0, num_known + 2 * num_rows): the test nodes follow the ``num_known`` rows of
+    allx, with at most as many unlisted ids among them (CiteSeer's isolated nodes) as listed.
+    """
     try:
         lines = path.read_text().split()
     except (OSError, UnicodeDecodeError) as err:
         raise InputError(path, f"cannot read: {err}") from None
     try:
         ids = np.array([int(line) for line in lines], dtype=np.int64)
-    except ValueError as err:
+    except (ValueError, OverflowError) as err:
         raise InputError(path, f"expected one integer node id per line: {err}") from None
     if ids.size != num_rows:
         raise InputError(path, f"has {ids.size} node ids, expected {num_rows} (one per row of tx)")
+    limit = num_known + 2 * num_rows
+    if ids.size and (ids.min() < 0 or ids.max() >= limit):
+        bad = ids.min() if ids.min() < 0 else ids.max()
+        raise InputError(path, f"node id {bad} is outside [0, {limit}) (allx has {num_known} "
+                               f"rows and tx {num_rows}; ids beyond them are at most as many "
+                               "as the test nodes)")
     if np.unique(ids).size != ids.size:
         raise InputError(path, "lists a node id more than once")
     return ids
@@ -183,10 +197,21 @@ def _adjacency(path: Path, value: object) -> Mapping[int, list[int]]:
     if not isinstance(value, Mapping):
         raise InputError(path, f"expected a dict of neighbour lists, found {_describe(value)}")
     for node, neighbours in value.items():
+        if not _is_id(node):
+            raise InputError(path, f"node {node!r} is not an integer node id")
         if not isinstance(neighbours, (list, tuple)):
             raise InputError(path, f"neighbours of node {node!r} are not a list: "
                                    f"{_describe(neighbours)}")
+        bad = next((n for n in neighbours if not _is_id(n)), None)
+        if bad is not None or any(isinstance(n, bool) for n in neighbours):
+            raise InputError(path, f"neighbours of node {node!r} hold {bad!r}, not an "
+                                   "integer node id")
     return value
+
+
+def _is_id(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) \
+        and 0 <= value < 2**63
 
 
 def adjacency_edge_chunks(adjacency: Mapping[int, list[int]],

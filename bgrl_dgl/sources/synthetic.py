@@ -53,6 +53,8 @@ from scipy.special import ndtri
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.sources import UNDIRECTED, Source
 from bgrl_dgl.splits import DEFAULT_FRACTIONS, parse_fractions, stratified_split
+from bgrl_dgl.store.capacity import StorePlan
+from bgrl_dgl.store.format import MAX_CLASSES
 
 if TYPE_CHECKING:
     from bgrl_dgl.store.writer import StoreWriter
@@ -67,6 +69,11 @@ WORKERS = min(2, os.cpu_count() or 1)
 _NODE_STREAM, _EDGE_STREAM, _MEAN_STREAM, _FEATURE_STREAM, _LABEL_STREAM, _SOURCE_STREAM = \
     range(6)
 SOURCE_MODELS = ("uniform", "powerlaw")
+# Bounds that keep every id and count computation within int64; the machine's disk and
+# memory (checked before generating) are the real limits.
+MAX_NODES = 1 << 40
+MAX_EDGES = 1 << 44
+MAX_FEAT_DIM = 1 << 24
 
 T = TypeVar("T")
 
@@ -120,11 +127,17 @@ class Options:
     def from_args(cls, args: argparse.Namespace) -> "Options":
         """Check the options; a bad one -> InputError naming its flag."""
         require(args.num_nodes >= 1, "--num-nodes", "must be at least 1")
+        require(args.num_nodes <= MAX_NODES, "--num-nodes", f"must be at most {MAX_NODES:,}")
         require(1 <= args.num_classes <= args.num_nodes, "--num-classes",
                 "must be between 1 and --num-nodes")
+        require(args.num_classes <= MAX_CLASSES, "--num-classes",
+                f"must be at most {MAX_CLASSES:,}")
         require(args.feat_dim >= 1, "--feat-dim", "must be at least 1")
+        require(args.feat_dim <= MAX_FEAT_DIM, "--feat-dim", f"must be at most {MAX_FEAT_DIM:,}")
         require(np.isfinite(args.avg_degree) and args.avg_degree > 0, "--avg-degree",
                 "must be a positive number")
+        require(args.num_nodes * args.avg_degree <= MAX_EDGES, "--avg-degree",
+                f"gives more than {MAX_EDGES:,} edges")
         num_edges = round(args.num_nodes * args.avg_degree)
         require(num_edges >= 1, "--avg-degree", "gives no edges for this --num-nodes")
         require(0.0 <= args.homophily <= 1.0, "--homophily", "must be between 0 and 1")
@@ -360,8 +373,21 @@ def hide_labels(opts: Options, labels: np.ndarray) -> np.ndarray:
     return labels
 
 
+def store_plan(opts: Options, args: argparse.Namespace) -> StorePlan:
+    """The store these options make, with the generator's own node-sized arrays: the class
+    layout (ids and classes), the labels and their split."""
+    id_bytes = index_dtype(opts.num_nodes).itemsize
+    class_bytes = class_dtype(opts.num_classes).itemsize
+    stored = 2 if args.feature_dtype == "float16" else 4
+    return StorePlan(opts.num_nodes, opts.num_edges, opts.feat_dim, stored,
+                     symmetrize=args.symmetrize, add_self_loops=args.self_loops == "add",
+                     resident_bytes=opts.num_nodes * (id_bytes + 2 * class_bytes + 48),
+                     what="--num-nodes/--avg-degree/--feat-dim")
+
+
 def build(args: argparse.Namespace, writer: "StoreWriter") -> None:
     opts = Options.from_args(args)
+    writer.plan(store_plan(opts, args))
     layout = ClassLayout.plant(opts)
     writer.write_topology(opts.num_nodes, lambda: edge_chunks(opts, layout),
                           source_path=SOURCE_PATH, symmetrize=args.symmetrize,

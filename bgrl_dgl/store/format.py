@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import struct
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -41,7 +42,11 @@ SPLIT_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 REQUIRED_ARRAYS = ("indptr", "indices", "features")
 
 
-OPTIONAL_ARRAYS = ("labels", "orig_ids")
+OPTIONAL_ARRAYS = ("labels", "orig_ids", "class_ids")
+
+
+# At most this many classes: a probe's weights and one-hot targets are [.., num_classes].
+MAX_CLASSES = 1 << 20
 
 
 # Elements per slice when a check or statistic streams through a whole array.
@@ -54,6 +59,26 @@ NPY_HEADER_BYTES = 128
 
 def split_array_name(name: str) -> str:
     return f"split_{name}"
+
+
+def regular_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """``path`` if it names a regular file (after symlinks); InputError otherwise.
+
+    Checked before opening, so a FIFO or a device in place of a file is refused instead of
+    blocking the reader or streaming forever.
+    """
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise InputError(path, "file not found") from None
+    except OSError as err:
+        raise InputError(path, f"cannot read: {err.strerror or err}") from None
+    if stat.S_ISDIR(mode):
+        raise InputError(path, f"is a directory, expected a {what}")
+    if not stat.S_ISREG(mode):
+        raise InputError(path, f"is not a regular file (expected a {what})")
+    return path
 
 
 def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
@@ -128,6 +153,9 @@ def parse_npy_header(stream: BinaryIO) -> tuple[tuple[int, ...], np.dtype, bool]
 
 def read_npy_header(file: Path) -> tuple[tuple[int, ...], np.dtype, bool, int]:
     """(shape, dtype, fortran_order, data offset) from the header of a .npy file."""
+    if not (os.path.exists(file) or os.path.islink(file)):
+        raise InputError(file, "missing")
+    regular_file(file, ".npy file")
     try:
         with open(file, "rb") as handle:
             shape, dtype, fortran = parse_npy_header(handle)
@@ -143,8 +171,10 @@ def read_meta(path: Path) -> dict[str, Any]:
     meta_path = path / META_FILE
     if not path.is_dir():
         raise InputError(path, "no such store directory")
+    if not (meta_path.exists() or meta_path.is_symlink()):
+        raise InputError(meta_path, "not found (not a graph store)")
     try:
-        text = meta_path.read_text(encoding="utf-8")
+        text = regular_file(meta_path, "meta.json file").read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputError(meta_path, "not found (not a graph store)") from None
     except (OSError, UnicodeDecodeError) as err:

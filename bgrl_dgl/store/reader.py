@@ -9,9 +9,12 @@ Layout (format version 1)::
     labels.npy         [N]     int64, -1 = unlabeled               (optional)
     split_<name>.npy   [k]     int64 node ids                      (one per split)
     orig_ids.npy       [N]     int64 ids in the source's numbering (optional)
+    class_ids.npy      [C]     int64 the source's id of each class (optional: written when
+                               the source's class ids were not 0..C-1 and were relabelled)
 
 indptr and indices share one index dtype: int32 unless N or E reaches 2**31. Every array is
-opened with ``mmap_mode='r'``, so opening a store costs a few page reads whatever its size.
+opened with ``mmap_mode='r'``, so opening a store costs a few page reads whatever its size,
+unless it must first be validated in full (see :mod:`bgrl_dgl.store.validation`).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from bgrl_dgl.store.format import (
     FEATURE_DTYPES,
     INDEX_DTYPES,
     INT32_LIMIT,
+    MAX_CLASSES,
     META_FILE,
     REQUIRED_ARRAYS,
     SCAN_CHUNK,
@@ -38,17 +42,31 @@ from bgrl_dgl.store.format import (
     _meta_value,
     read_meta,
     read_npy_header,
+    regular_file,
     split_array_name,
+)
+from bgrl_dgl.store.validation import (
+    VALIDATED_KEY,
+    file_stamp,
+    is_validated,
+    record_validation,
+    scan,
+    stamps_or_none,
+    validate_full,
 )
 
 if TYPE_CHECKING:
     import dgl
 
 
-def _scan(length: int, chunk: int = SCAN_CHUNK) -> Iterator[tuple[int, int]]:
-    """[start, stop) slices covering range(length) in pieces of ``chunk``."""
-    for start in range(0, length, chunk):
-        yield start, min(start + chunk, length)
+CHECK_LEVELS = ("none", "cheap", "once", "full")
+
+
+def _stamp_or_none(path: Path) -> list[int] | None:
+    try:
+        return file_stamp(path)
+    except OSError:
+        return None
 
 
 class GraphStore:
@@ -65,22 +83,41 @@ class GraphStore:
         self.features: np.ndarray = self._arrays["features"]
         self.labels: np.ndarray | None = self._arrays.get("labels")
         self.orig_ids: np.ndarray | None = self._arrays.get("orig_ids")
+        self.class_ids: np.ndarray | None = self._arrays.get("class_ids")
 
     @classmethod
     def open(cls, path: str | os.PathLike,
-             check: Literal["none", "cheap", "full"] = "cheap") -> "GraphStore":
+             check: Literal["none", "cheap", "once", "full"] = "once") -> "GraphStore":
         """Open the store at ``path``; ``check`` picks how much of it to validate.
 
         "cheap" reads headers and a few elements (milliseconds at any size); "full" also
-        streams through every index and label (see :meth:`validate`).
+        streams through every index and label (see :meth:`validate`); "once" (for anything
+        that samples from the store) is "cheap" when meta.json records a full validation of
+        the files as they are now, else "full", and then records it when it may.
         """
-        if check not in ("none", "cheap", "full"):
+        if check not in CHECK_LEVELS:
             raise ValueError(f"unknown check level {check!r}")
         path = Path(path)
-        store = cls(path, read_meta(path))
-        if check != "none":
-            store.validate(full=check == "full")
+        # Stamped before it is read: a meta.json replaced in between is then left alone.
+        meta_stamp = _stamp_or_none(path / META_FILE)
+        meta = read_meta(path)
+        # The files are stamped before and after they are mapped: only files that stayed the
+        # same meanwhile can be trusted on a record, or recorded.
+        before = stamps_or_none(path, meta)
+        store = cls(path, meta)
+        if check == "none":
+            return store
+        stable = before is not None and before == stamps_or_none(path, meta)
+        trusted = stable and meta.get(VALIDATED_KEY) == before
+        full = check == "full" or (check == "once" and not trusted)
+        store.validate(full=full)
+        if full and check == "once" and stable and meta_stamp is not None:
+            record_validation(path, meta, meta_stamp, before)
         return store
+
+    def is_validated(self) -> bool:
+        """Whether meta.json records a full validation of the files as they are now."""
+        return is_validated(self.path, self.meta)
 
     # ---- meta.json --------------------------------------------------------------------
     def _read_counts(self) -> None:
@@ -126,6 +163,7 @@ class GraphStore:
             "features": ((n, self.feat_dim), self.feat_dtype),
             "labels": ((n,), np.dtype(np.int64)),
             "orig_ids": ((n,), np.dtype(np.int64)),
+            "class_ids": ((self.num_classes,), np.dtype(np.int64)),
         }
         for name in self._split_names:
             expected[split_array_name(name)] = (None, np.dtype(np.int64))
@@ -237,11 +275,7 @@ class GraphStore:
         """
         self._check_cheap()
         if full:
-            self._check_indptr_monotone()
-            self._check_indices()
-            self._check_labels()
-            for name in self._split_names:
-                self._check_node_ids(split_array_name(name))
+            validate_full(self)
 
     def _check_cheap(self) -> None:
         if self.index_dtype == np.int32 and max(self.num_nodes, self.num_edges) >= INT32_LIMIT:
@@ -250,20 +284,15 @@ class GraphStore:
         if self.labels is None and self.num_classes:
             raise InputError(self.meta_path,
                              f"num_classes is {self.num_classes} but there are no labels")
+        if self.num_classes > MAX_CLASSES:
+            raise InputError(self.meta_path, f"num_classes is {self.num_classes}, more than "
+                             f"the {MAX_CLASSES:,} supported")
         first, last = int(self.indptr[0]), int(self.indptr[-1])
         if first != 0:
             raise InputError(self.array_path("indptr"), f"starts at {first}, expected 0")
         if last != self.num_edges:
             raise InputError(self.array_path("indptr"),
                              f"ends at {last}, expected num_edges = {self.num_edges}")
-
-    def _check_indptr_monotone(self) -> None:
-        for start, stop in _scan(self.num_nodes):
-            steps = np.diff(self.indptr[start:stop + 1])
-            bad = np.flatnonzero(steps < 0)
-            if bad.size:
-                raise InputError(self.array_path("indptr"),
-                                 f"not monotone at node {start + bad[0]}")
 
     def node_slices(self, max_edges: int = SCAN_CHUNK) -> Iterator[tuple[int, int]]:
         """[v0, v1) node ranges whose in-edges number about ``max_edges`` (at least one node)."""
@@ -275,61 +304,13 @@ class GraphStore:
             yield v0, v1
             v0 = v1
 
-    def _check_indices(self) -> None:
-        """indices in [0, N), ascending within each node, no repeats when deduplicated."""
-        file = self.array_path("indices")
-        for v0, v1 in self.node_slices():
-            offsets = np.asarray(self.indptr[v0:v1 + 1], dtype=np.int64)
-            base = offsets[0]
-            part = np.asarray(self.indices[base:offsets[-1]])
-            if part.size == 0:
-                continue
-            low, high = part.min(), part.max()
-            if low < 0 or high >= self.num_nodes:
-                position = base + np.flatnonzero((part < 0) | (part >= self.num_nodes))[0]
-                raise InputError(file, f"entry {position} is {self.indices[position]}, "
-                                 f"outside [0, {self.num_nodes})")
-            starts = offsets[:-1] - base
-            same_node = np.ones(part.size, dtype=bool)
-            same_node[starts[starts < part.size]] = False  # first edge of each node
-            steps = np.diff(part)
-            bad = (steps <= 0) if self.deduplicated else (steps < 0)
-            bad &= same_node[1:]
-            if bad.any():
-                position = base + 1 + int(np.flatnonzero(bad)[0])
-                node = int(np.searchsorted(self.indptr[v0:v1 + 1], position, side="right")) - 1 + v0
-                repeated = self.deduplicated and steps[position - base - 1] == 0
-                problem = "repeated" if repeated else "not sorted"
-                raise InputError(file, f"in-neighbours of node {node} are {problem} "
-                                 f"(entry {position})")
-
-    def _check_labels(self) -> None:
-        if self.labels is None:
-            return
-        for start, stop in _scan(self.num_nodes):
-            part = self.labels[start:stop]
-            bad = np.flatnonzero((part < -1) | (part >= self.num_classes))
-            if bad.size:
-                raise InputError(self.array_path("labels"),
-                                 f"label {part[bad[0]]} of node {start + bad[0]} is outside "
-                                 f"[-1, {self.num_classes})")
-
-    def _check_node_ids(self, name: str) -> None:
-        ids = self._arrays[name]
-        for start, stop in _scan(len(ids)):
-            part = ids[start:stop]
-            bad = np.flatnonzero((part < 0) | (part >= self.num_nodes))
-            if bad.size:
-                raise InputError(self.array_path(name), f"entry {start + bad[0]} is node id "
-                                 f"{part[bad[0]]}, outside [0, {self.num_nodes})")
-
     # ---- description -----------------------------------------------------------------
     def in_degree_stats(self) -> dict[str, float]:
         """{min, mean, max} in-degree, streamed through indptr in slices."""
         if self.num_nodes == 0:
             return {"min": 0, "mean": 0.0, "max": 0}
         low, high = None, None
-        for start, stop in _scan(self.num_nodes):
+        for start, stop in scan(self.num_nodes):
             steps = np.diff(self.indptr[start:stop + 1])
             low = steps.min() if low is None else min(low, steps.min())
             high = steps.max() if high is None else max(high, steps.max())
@@ -357,6 +338,7 @@ class GraphStore:
             "index_dtype": self.index_dtype.name,
             "in_degree": self.in_degree_stats(),
             "store_bytes": self.store_bytes(),
+            "validated": self.is_validated(),
         }
         if self.node_types:
             summary["node_types"] = {name: list(r) for name, r in self.node_types.items()}
@@ -374,11 +356,14 @@ def read_node_ids(path: str | os.PathLike, num_nodes: int, what: str = "node ids
     ``what`` names the ids in errors; an unreadable file, a non-integer or non-1-D array, no
     ids or an id outside [0, num_nodes) is an InputError naming the file.
     """
-    path = Path(path)
+    path = regular_file(path, f"{what} file")
     try:
-        ids = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
+        # Mapped, not read: the header's shape is checked against the file's size first.
+        ids = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
         raise InputError(path, f"cannot read {what} ({err})") from None
+    if not isinstance(ids, np.ndarray):
+        raise InputError(path, f"{what} must be a .npy array")
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
         raise InputError(path, f"{what} must be a 1-D integer array, got {ids.dtype} {ids.shape}")
     ids = np.unique(ids.astype(np.int64))

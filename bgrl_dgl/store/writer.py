@@ -17,11 +17,19 @@ from typing import Any, Iterable, Literal
 import numpy as np
 
 from bgrl_dgl.errors import InputError
-from bgrl_dgl.io import remove_stale_temp_files, temp_path
+from bgrl_dgl.io import remove_stale_temp_files, temp_path, write_atomic
+from bgrl_dgl.store.capacity import (
+    ROW_CHUNK_SHARE,
+    StorePlan,
+    check_capacity,
+    format_bytes,
+    free_disk,
+)
 from bgrl_dgl.store.csc import EdgeChunks, build_csc
 from bgrl_dgl.store.format import (
     FORMAT_VERSION,
     INT32_LIMIT,
+    MAX_CLASSES,
     META_FILE,
     SPLIT_NAME,
     NpyWriter,
@@ -29,13 +37,20 @@ from bgrl_dgl.store.format import (
     split_array_name,
 )
 from bgrl_dgl.store.reader import GraphStore
+from bgrl_dgl.store.validation import VALIDATED_KEY, fingerprint, meta_text
 
 FEATURE_DTYPE_CHOICES = {"keep": None, "float16": np.dtype(np.float16),
                          "float32": np.dtype(np.float32)}
 SELF_LOOP_FLAG = {"keep": "kept", "remove": "removed", "add": "added"}
-# Share of the memory budget one chunk of input rows may take (the rest: conversions, the
-# consumer's own working set, and the next chunk being read).
-ROW_CHUNK_SHARE = 16
+
+
+def output_path(out: str | os.PathLike) -> Path:
+    """``out`` made absolute (``.`` and ``..`` resolved, symlinks kept), so that its name and
+    parent are real; InputError for a path without a name such as ``/``."""
+    path = Path(os.path.abspath(out))
+    if not path.name:
+        raise InputError(out, "is not a path a store can be written to")
+    return path
 
 
 def check_target(out: Path, overwrite: bool) -> None:
@@ -85,6 +100,20 @@ def _check_finite(block: np.ndarray, first_row: int, source_path: str, problem: 
         raise InputError(source_path, f"{problem} in row {row}")
 
 
+def dense_labels(labels: np.ndarray, source_path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(labels with class ids 0..C-1, [C] the given id of each class), -1 kept as -1."""
+    labelled = labels >= 0
+    class_ids = np.unique(labels[labelled])
+    if len(class_ids) > MAX_CLASSES:
+        raise InputError(source_path, f"{len(class_ids):,} distinct classes, more than the "
+                         f"{MAX_CLASSES:,} supported")
+    if np.array_equal(class_ids, np.arange(len(class_ids))):
+        return labels, class_ids
+    dense = np.full_like(labels, -1)
+    dense[labelled] = np.searchsorted(class_ids, labels[labelled])
+    return dense, class_ids
+
+
 def integer_ids(ids: Any, what: str, source_path: str) -> np.ndarray:
     """``ids`` as a 1-D integer array; InputError naming ``source_path`` otherwise."""
     ids = np.asarray(ids)
@@ -111,17 +140,27 @@ class StoreWriter:
             raise InputError(None, f"feature dtype must be one of {choices}, got {feature_dtype!r}")
         if memory_budget <= 0:
             raise InputError(None, f"memory budget must be positive, got {memory_budget}")
-        self.out = Path(out)
+        self.out = output_path(out)
         self.overwrite = overwrite
         self.memory_budget = int(memory_budget)
         self.feature_dtype = FEATURE_DTYPE_CHOICES[feature_dtype]
         self.source = source or {"name": None, "params": {}}
         check_target(self.out, overwrite)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
+        blocker = next((p for p in self.out.parents if p.exists() or p.is_symlink()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise InputError(blocker, "Not a directory (the store would go below it)")
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise InputError(err.filename or self.out.parent,
+                             f"cannot create the store's directory: {err.strerror}") from None
         remove_stale_temp_files(self.out.parent)
         self.tmp = temp_path(self.out)
         shutil.rmtree(self.tmp, ignore_errors=True)  # an earlier attempt of this process
-        self.tmp.mkdir()  # (mkdir applies the umask, as the final directory should)
+        try:
+            self.tmp.mkdir()  # (mkdir applies the umask, as the final directory should)
+        except OSError as err:
+            raise InputError(self.out.parent, f"cannot write here: {err.strerror}") from None
         self._arrays: dict[str, dict[str, Any]] = {}
         self._num_nodes: int | None = None
         self._topology: dict[str, Any] | None = None
@@ -143,6 +182,15 @@ class StoreWriter:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
     # ---- sizes -----------------------------------------------------------------------
+    def stored_dtype(self, given: np.dtype, source_path: str) -> np.dtype:
+        """The dtype features given as ``given`` are stored in."""
+        return stored_feature_dtype(np.dtype(given), self.feature_dtype, source_path)
+
+    def plan(self, plan: StorePlan) -> None:
+        """Refuse (InputError) a store that the output's disk or the free memory cannot
+        hold; sources call this before reading or generating the graph."""
+        check_capacity(plan, self.tmp.parent, self.memory_budget)
+
     def rows_per_chunk(self, row_bytes: int) -> int:
         """Rows of ``row_bytes`` bytes each that one input chunk may hold within the budget."""
         return max(1, self.memory_budget // ROW_CHUNK_SHARE // max(1, int(row_bytes)))
@@ -172,6 +220,9 @@ class StoreWriter:
                 or num_nodes < 0:
             raise InputError(source_path, f"bad node count {num_nodes!r}")
         self._set_num_nodes(int(num_nodes), "nodes", source_path)
+        # Whatever the source planned: the node-sized part alone must fit.
+        check_capacity(StorePlan(int(num_nodes), 0, 0, 0, what=source_path), self.tmp.parent,
+                       self.memory_budget)
         built = build_csc(edge_chunks, int(num_nodes), self.tmp, source_path=source_path,
                           symmetrize=symmetrize, self_loops=self_loops, dedup=dedup,
                           memory_budget=self.memory_budget, int32_limit=int32_limit)
@@ -218,6 +269,11 @@ class StoreWriter:
         if first.shape[1] == 0:
             raise InputError(source_path, "feature rows have no columns")
         dtype = stored_feature_dtype(first.dtype, self.feature_dtype, source_path)
+        needed = int(self._num_nodes or 0) * first.shape[1] * dtype.itemsize
+        free = free_disk(self.tmp)
+        if needed > free:
+            raise InputError(source_path, f"the features need {format_bytes(needed)} of disk, "
+                             f"but {self.out.parent} has {format_bytes(free)} free")
         return NpyWriter(self.tmp / "features.npy", dtype, (first.shape[1],))
 
     def write_feature_array(self, array: np.ndarray, *, source_path: str) -> None:
@@ -232,20 +288,33 @@ class StoreWriter:
                             source_path=source_path)
 
     def write_labels(self, labels: np.ndarray, *, source_path: str,
-                     num_classes: int | None = None) -> None:
-        """[N] integer class ids, -1 for unlabeled; ``num_classes`` defaults to max + 1."""
+                     num_classes: int | None = None) -> np.ndarray:
+        """[N] integer class ids, -1 for unlabeled; returns the labels as stored.
+
+        With ``num_classes`` the ids must lie in [0, num_classes). Without it, ids that are
+        not exactly 0..C-1 (a sparse set such as {3, 10**9}) are relabelled 0..C-1 in
+        ascending order, and the source's id of each class is kept in class_ids.npy.
+        """
         labels = integer_ids(labels, "labels", source_path)
         self._set_num_nodes(len(labels), "labels", source_path)
         low = int(labels.min()) if len(labels) else -1
         high = int(labels.max()) if len(labels) else -1
         if low < -1:
             raise InputError(source_path, f"label {low} is below -1 (the mark for unlabeled nodes)")
+        labels = labels.astype(np.int64)
         if num_classes is None:
-            num_classes = high + 1
+            labels, class_ids = dense_labels(labels, source_path)
+            num_classes = len(class_ids)
+            if not np.array_equal(class_ids, np.arange(num_classes)):
+                self._arrays["class_ids"] = save_array(self.tmp, "class_ids", class_ids)
         elif high >= num_classes:
             raise InputError(source_path, f"label {high} is out of range for {num_classes} classes")
+        if num_classes > MAX_CLASSES:
+            raise InputError(source_path, f"{num_classes:,} classes, more than the "
+                             f"{MAX_CLASSES:,} supported")
         self._num_classes = int(num_classes)
-        self._arrays["labels"] = save_array(self.tmp, "labels", labels.astype(np.int64))
+        self._arrays["labels"] = save_array(self.tmp, "labels", labels)
+        return labels
 
     def write_split(self, name: str, ids: np.ndarray, *, source_path: str) -> None:
         """[k] node ids of split ``name`` (train, valid, test, ...)."""
@@ -307,14 +376,18 @@ class StoreWriter:
         """Validate everything written, then atomically move it to ``out``; returns ``out``."""
         if self._committed:
             raise RuntimeError("already committed")
-        meta_text = json.dumps(self.meta(), indent=1) + "\n"
-        (self.tmp / META_FILE).write_text(meta_text, encoding="utf-8")
+        meta = self.meta()
+        meta_path = self.tmp / META_FILE
+        meta_path.write_text(meta_text(meta), encoding="utf-8")
         try:
             GraphStore.open(self.tmp, check="full")
         except InputError as err:
             # Name the file as it would have been in the output, not in the doomed temp dir.
             path = None if err.path is None else err.path.replace(str(self.tmp), str(self.out), 1)
             raise InputError(path, err.problem) from None
+        # Record the full validation, so that commands sampling from the store skip it.
+        meta[VALIDATED_KEY] = fingerprint(self.tmp, meta)
+        write_atomic(meta_path, meta_text(meta))
         self._install()
         self._committed = True
         return self.out
