@@ -184,6 +184,9 @@ def add_section_arguments(parser: argparse.ArgumentParser, config_cls: type) -> 
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    from bgrl_dgl.store.format import regular_file
+
+    regular_file(path, "YAML file")  # a FIFO would block the read
     try:
         with open(path, encoding="utf-8") as handle:
             data = yaml.safe_load(handle)

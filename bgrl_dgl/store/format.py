@@ -45,6 +45,10 @@ REQUIRED_ARRAYS = ("indptr", "indices", "features")
 OPTIONAL_ARRAYS = ("labels", "orig_ids", "class_ids")
 
 
+# meta.json describes a few dozen arrays; anything far bigger is not one.
+MAX_META_BYTES = 1 << 24
+
+
 # At most this many classes: a probe's weights and one-hot targets are [.., num_classes].
 MAX_CLASSES = 1 << 20
 
@@ -173,8 +177,12 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise InputError(path, "no such store directory")
     if not (meta_path.exists() or meta_path.is_symlink()):
         raise InputError(meta_path, "not found (not a graph store)")
+    size = regular_file(meta_path, "meta.json file").stat().st_size
+    if size > MAX_META_BYTES:
+        raise InputError(meta_path, f"has {size:,} bytes, more than a store's meta.json holds "
+                         f"(at most {MAX_META_BYTES:,})")
     try:
-        text = regular_file(meta_path, "meta.json file").read_text(encoding="utf-8")
+        text = meta_path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputError(meta_path, "not found (not a graph store)") from None
     except (OSError, UnicodeDecodeError) as err:

@@ -3,6 +3,7 @@ behind or lost. In-process through ``bgrl_dgl.cli.main`` where possible; in a su
 where a hang (a FIFO) or an abort inside DGL (exit 134) must be observed."""
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import shutil
@@ -192,6 +193,8 @@ CASES: dict[str, tuple[Callable[[World], list[str]], int, tuple[str, ...], bool]
                                    ("indptr.npy", "not monotone at node 7"), True),
     "train: --out below a file": (lambda w: train(w, w.store) + ["--out", str(w.below_a_file())],
                                   2, ("plain", "Not a directory"), False),
+    "train: FIFO as --config": (lambda w: train(w, w.store, "--config", str(w.fifo())), 2,
+                                ("fifo", "not a regular file"), True),
     "train: FIFO as --seeds": (lambda w: train(w, w.store, "--seeds", str(w.fifo())), 2,
                                ("fifo", "not a regular file"), True),
     # embed
@@ -229,3 +232,23 @@ def test_hostile_input(case, tmp_path, store, run, capsys):
         assert fragment in lines[0], (fragment, lines[0])
     after = snapshot(tmp_path), snapshot(store), snapshot(run)
     assert after == before, "a failed command left something behind or changed an input"
+
+
+# ---- faults that cannot be made for real (the tests run as root) ---------------------------
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("command, target", [
+    ("train", "bgrl_dgl.training.checkpoint.torch.save"),
+    ("embed", "pyarrow.parquet.ParquetWriter.write_table"),
+])
+def test_a_full_disk_is_one_line_naming_the_output(command, target, tmp_path, store, run,
+                                                   capsys, monkeypatch):
+    world = World(tmp_path, store, run, None)
+    argv = train(world, store) if command == "train" else embed(world, store)
+    out = Path(argv[argv.index("--out") + 1])
+    monkeypatch.setattr(target, no_space)
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"error: {out}: No space left on device\n"
+    assert not list(out.rglob(".tmp-*")), "a temp file was left behind"

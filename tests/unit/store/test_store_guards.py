@@ -120,6 +120,13 @@ def test_too_many_classes_are_refused(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_huge_meta_json_is_refused_before_it_is_read(store):
+    with open(store / "meta.json", "r+b") as handle:
+        handle.truncate(1 << 30)  # sparse: a gigabyte of zeros that takes no disk
+    with pytest.raises(InputError, match="more than a store's meta.json holds"):
+        GraphStore.open(store, check="cheap")
+
+
 def test_a_store_claiming_too_many_classes_is_refused(store):
     meta = json.loads((store / "meta.json").read_text())
     meta["num_classes"] = 2**40
@@ -159,10 +166,14 @@ def test_a_full_disk_fails_in_one_line_and_keeps_the_old_store(store, capsys, mo
 
 
 def test_an_unwritable_directory_fails_in_one_line(tmp_path, capsys, monkeypatch):
-    def denied(*args, dir=None, **kwargs):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), dir)
+    mkdir = Path.mkdir
 
-    monkeypatch.setattr("tempfile.mkdtemp", denied)
+    def denied(self, *args, **kwargs):
+        if self.name.startswith(".tmp-"):  # as root, a read-only directory must be simulated
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", denied)
     assert prepare(tmp_path / "store") == 2
     assert capsys.readouterr().err == f"error: {tmp_path}: cannot write here: Permission denied\n"
     assert list(tmp_path.iterdir()) == []
@@ -219,3 +230,15 @@ def test_a_terminated_prepare_removes_its_temp_directory(tmp_path):
     assert process.returncode == 130, stderr
     assert stderr.strip().splitlines()[-1] == "interrupted"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_big_store_shows_its_validation_progress(store, monkeypatch, capsys):
+    monkeypatch.setattr(validation, "PROGRESS_ENTRIES", 100)
+    monkeypatch.setattr(validation.sys.stderr, "isatty", lambda: True)
+    counted = []
+    update = validation._Progress.update
+    monkeypatch.setattr(validation._Progress, "update",
+                        lambda self, count: (counted.append(count), update(self, count)))
+    opened = GraphStore.open(store, check="full")
+    assert f"validating {store}" in capsys.readouterr().err
+    assert sum(counted) == opened.num_nodes + opened.num_edges  # every entry, once
