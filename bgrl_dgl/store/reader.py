@@ -356,7 +356,11 @@ def read_node_ids(path: str | os.PathLike, num_nodes: int, what: str = "node ids
     ``what`` names the ids in errors; an unreadable file, a non-integer or non-1-D array, no
     ids or an id outside [0, num_nodes) is an InputError naming the file.
     """
-    path = regular_file(path, f"{what} file")
+    path = Path(path)
+    try:
+        regular_file(path, f"{what} file")
+    except InputError as err:
+        raise InputError(path, f"cannot read {what} ({err.problem})") from None
     try:
         # Mapped, not read: the header's shape is checked against the file's size first.
         ids = np.load(path, mmap_mode="r", allow_pickle=False)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from bgrl_dgl.errors import InputError
-from bgrl_dgl.io import temp_prefix
+from bgrl_dgl.io import remove_stale_temp_files, temp_prefix
 from bgrl_dgl.store.format import SCAN_CHUNK
 
 if TYPE_CHECKING:
@@ -91,6 +91,7 @@ def record_validation(path: Path, meta: dict[str, Any], meta_stamp: list[int],
         info = os.stat(meta_path)
         if info.st_uid != os.geteuid() or file_stamp(meta_path) != meta_stamp:
             return False
+        remove_stale_temp_files(path)  # such a scratch file of a killed process
         with open(scratch, "x", encoding="utf-8") as handle:
             handle.write(meta_text({**meta, VALIDATED_KEY: record}))
         os.chmod(scratch, info.st_mode & 0o777)
