@@ -103,7 +103,9 @@ def evaluate_export(out: str | os.PathLike, data: str | os.PathLike | None = Non
 def evaluate_run(run: str | os.PathLike, data: str | os.PathLike | None = None, *,
                  encoder: EncoderName = "online", splits: SplitMode = "public",
                  num_splits: int = 20, seed: int = 0) -> dict[str, Any]:
-    """Probe the in-memory embeddings (exact layer-wise inference) of a run's encoder.
+    """Probe the in-memory embeddings (exact layer-wise inference of every node) of a run's
+    encoder: for graphs whose [N, D] embeddings fit in memory; larger ones go through
+    ``embed`` and :func:`evaluate_export`.
 
     Returns:
         A JSON-ready summary (see :func:`evaluation_record`).
@@ -114,9 +116,11 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike | None = None, 
     if store.feat_dim != source.encoder.in_dim:
         raise InputError(store.path, f"has {store.feat_dim}-d features; the encoder takes "
                                      f"{source.encoder.in_dim}-d ones")
-    summary, num_labelled = probe_store(
-        store, lambda nodes: embed_store(source.encoder, store, nodes=nodes), splits,
-        num_splits, seed)
+    # Every node is embedded, as ``embed`` does, so that this probe and the probe of an
+    # export of the same encoder see the same numbers (a subset differs in rounding).
+    embeddings = embed_store(source.encoder, store)
+    summary, num_labelled = probe_store(store, lambda nodes: embeddings[nodes], splits,
+                                        num_splits, seed)
     step = source.checkpoint["step"] if source.checkpoint else 0
     return evaluation_record(store, splits, summary, num_labelled, encoder=encoder, step=step,
                              embeddings=None)
