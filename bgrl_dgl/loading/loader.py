@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from bgrl_dgl.config import field, parse_size
 from bgrl_dgl.errors import InputError
-from bgrl_dgl.loading.feature_cache import CachePolicy, FeatureCache
+from bgrl_dgl.loading.feature_cache import CachePolicy, FeatureCache, check_found_cache
 from bgrl_dgl.loading.features import FeatureSource
 from bgrl_dgl.loading.sampler import NeighborBatchSampler, SampledBatch, batch_rng_seed
 from bgrl_dgl.store.reader import GraphStore, read_node_ids
@@ -241,6 +241,17 @@ def _worker_init(_: int) -> None:
     # multiprocessing terminates leftover workers with it at exit.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
+
+
+def check_training_cache(store: GraphStore, config: SamplingConfig, seed_nodes: np.ndarray,
+                         seed: int) -> None:
+    """InputError when something other than this user's cache of the run's settings sits
+    under the name of the training run's feature cache (none when ``config.cache_bytes`` is
+    0); called before the run writes anything."""
+    if config.cache_bytes:
+        check_found_cache(store, config.cache_bytes, config.cache_policy,
+                          fanouts=config.fanouts, seed_nodes=seed_nodes,
+                          batch_size=config.batch_size, seed=seed)
 
 
 @contextlib.contextmanager
