@@ -52,7 +52,11 @@ def check_private(path: Path, info: os.stat_result, kind: str) -> None:
 
 def check_directory(directory: Path) -> None:
     """InputError unless ``directory`` is this user's private directory (not a link)."""
-    check_private(directory, os.lstat(directory), "directory")
+    try:
+        info = os.lstat(directory)
+    except FileNotFoundError:  # e.g. removed by its owner meanwhile
+        raise InputError(directory, "no such feature cache directory") from None
+    check_private(directory, info, "directory")
 
 
 def open_private(path: Path) -> BinaryIO:
