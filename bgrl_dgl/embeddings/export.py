@@ -19,7 +19,8 @@ The embeddings never sit in memory at once: the last layer is written to a memma
 scratch directory (inside OUT by default), from which the parts are streamed row group by
 row group. The scratch space is checked, and the embeddings' memmap allocated, before any
 layer runs, and a rerun first removes the scratch directories of runs that died (see
-scratch.py); a full disk ends the export with one line, keeping the complete parts.
+scratch.py). A full disk met while writing ends the export with one line (the command line
+maps the OSError), keeping the complete parts for a rerun.
 """
 from __future__ import annotations
 
@@ -51,7 +52,6 @@ from bgrl_dgl.embeddings.sampled import InferenceOptions, check_fanouts, compute
 from bgrl_dgl.embeddings.scratch import (
     allocate_array,
     check_free_space,
-    disk_full_is_input_error,
     layer_scratch_bytes,
     remove_stale_scratch,
     scratch_directory,
@@ -266,25 +266,24 @@ def export_embeddings(out: str | os.PathLike, *, run: str | os.PathLike | None =
                      + layout_rows(layout, planned) * dim * rows_dtype.itemsize,
                      f"embedding {layout_rows(layout, planned):,} nodes")
 
-    with disk_full_is_input_error(out, scratch_root):
-        claim_output(out, inputs, overwrite)
-        remove_stale_temp_files(out)
-        missing = [p for p in mine if not part_complete(out, layout, p, schema)]
-        if missing:
-            with scratch_directory(scratch_root) as scratch:
-                rows = allocate_array(scratch / "embeddings", rows_dtype,
-                                      (layout_rows(layout, missing), dim))
-                compute_parts(source.encoder, store, layout, missing, rows, options, scratch,
-                              source.config.sampling.graph_degrees, device)
-                offset = 0
-                for part in missing:
-                    part_nodes = layout.node_ids(part)
-                    write_part(out / part_name(part), store, part_nodes,
-                               rows[offset:offset + part_nodes.size], schema,
-                               layout.row_group_rows)
-                    offset += part_nodes.size
-                del rows
-        complete = finish_if_complete(out, inputs, layout)
+    claim_output(out, inputs, overwrite)
+    remove_stale_temp_files(out)
+    missing = [p for p in mine if not part_complete(out, layout, p, schema)]
+    if missing:
+        with scratch_directory(scratch_root) as scratch:
+            rows = allocate_array(scratch / "embeddings", rows_dtype,
+                                  (layout_rows(layout, missing), dim))
+            compute_parts(source.encoder, store, layout, missing, rows, options, scratch,
+                          source.config.sampling.graph_degrees, device)
+            offset = 0
+            for part in missing:
+                part_nodes = layout.node_ids(part)
+                write_part(out / part_name(part), store, part_nodes,
+                           rows[offset:offset + part_nodes.size], schema,
+                           layout.row_group_rows)
+                offset += part_nodes.size
+            del rows
+    complete = finish_if_complete(out, inputs, layout)
     return ExportResult(out, layout.num_rows, dim, dtype, missing,
                         [p for p in mine if p not in missing], layout.num_parts, complete,
                         world.rank, world.world_size)

@@ -3,9 +3,8 @@
 A memmap is written through page faults, and a page that the file system cannot allocate
 kills the process with SIGBUS: no message, no cleanup, the scratch directory left behind. So
 the space the layers need is checked before anything is written, the embeddings' memmap is
-allocated on disk (``posix_fallocate``) before it is mapped, stale scratch directories of
-dead processes are removed before the space is measured, and a full disk met while writing
-is reported as one line (:func:`disk_full_is_input_error`).
+allocated on disk (``posix_fallocate``) before it is mapped, and stale scratch directories
+of dead processes are removed before the space is measured.
 """
 from __future__ import annotations
 
@@ -86,19 +85,3 @@ def allocate_array(path: Path, dtype: np.dtype | str, shape: tuple[int, ...]) ->
     if not nbytes:
         return np.zeros(shape, dtype=dtype)  # mmap cannot map an empty file
     return np.memmap(path, dtype=dtype, mode="r+", shape=shape)
-
-
-@contextlib.contextmanager
-def disk_full_is_input_error(out: Path, scratch_root: Path) -> Iterator[None]:
-    """Turn a full disk (ENOSPC, EDQUOT) met inside the block into one InputError line naming
-    the file (or ``out``) instead of a traceback."""
-    try:
-        yield
-    except OSError as err:
-        if err.errno not in DISK_FULL:
-            raise
-        where = ("scratch inside it" if Path(scratch_root) == Path(out)
-                 else f"scratch in {scratch_root}")
-        raise InputError(err.filename or out,
-                         f"{os.strerror(err.errno)} while embedding ({where}); free some space "
-                         "and rerun: complete parts are kept") from None
