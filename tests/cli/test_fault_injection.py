@@ -113,9 +113,11 @@ PREPARE = prepare_args(200_000)
 
 
 def store_content(store: Path) -> dict:
-    """Every array file's bytes, and meta.json without its time and output path."""
+    """Every array file's bytes, and meta.json without its time, output path and the record
+    of the files' inodes and times (a validation cache)."""
     meta = json.loads((store / "meta.json").read_text())
     del meta["created"], meta["source"]["params"]["out"]
+    meta.pop("validated", None)
     content = {p.name: p.read_bytes() for p in store.glob("*.npy")}
     return {**content, "meta.json": meta}
 
