@@ -31,9 +31,29 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def process_start_time(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (Linux ``/proc``), or None when
+    there is no such process or no ``/proc``. With the pid it names one process: a pid may be
+    reused once its process has died, a (pid, start time) pair is not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+        # Field 22; the command name (field 2) is in parentheses and may hold spaces.
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def same_process_alive(pid: int, start_time: int | None) -> bool:
+    """Whether the process ``pid`` that started at ``start_time`` (see
+    :func:`process_start_time`; None = unknown, the pid alone decides) still runs."""
+    if not process_alive(pid):
+        return False
+    return start_time is None or process_start_time(pid) in (None, start_time)
+
+
 # Temporary files and scratch directories in OUT: ".tmp-<pid>@<host>@<name>", removed by a
 # later run once <pid> on this host is gone.
-TEMP_NAME = re.compile(r"\.tmp-(\d+)@([^@]+)@.*")
+TEMP_NAME = re.compile(r"\.tmp-(\d+)@([^@]+)@(.*)")
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -56,9 +76,16 @@ def temp_path(path: Path) -> Path:
     return path.with_name(temp_prefix() + path.name)
 
 
-def remove_stale_temp_files(directory: Path) -> None:
+def remove_stale_temp_files(directory: Path, name_prefix: str = "", own_only: bool = False) -> None:
     """Delete the temp files and directories that dead processes of this host left in
-    ``directory`` (live writers' and other hosts' temps are kept)."""
+    ``directory`` (live writers' and other hosts' temps are kept).
+
+    Args:
+        directory: where to look.
+        name_prefix: only temps of names starting with it (after the temp prefix).
+        own_only: only temps owned by this user (for directories other users share, such
+            as ``/dev/shm`` or a common scratch directory).
+    """
     host = socket.gethostname()
     try:
         entries = list(directory.iterdir())
@@ -66,11 +93,23 @@ def remove_stale_temp_files(directory: Path) -> None:
         return
     for entry in entries:
         match = TEMP_NAME.fullmatch(entry.name)
-        if match and match.group(2) == host and not process_alive(int(match.group(1))):
+        if not (match and match.group(2) == host and match.group(3).startswith(name_prefix)):
+            continue
+        if own_only and not owned_by_me(entry):
+            continue
+        if not process_alive(int(match.group(1))):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
+
+
+def owned_by_me(path: Path) -> bool:
+    """Whether ``path`` itself (not what a symlink points to) belongs to this user."""
+    try:
+        return os.lstat(path).st_uid == os.getuid()
+    except FileNotFoundError:
+        return False
 
 
 def fsync_path(path: Path) -> None:

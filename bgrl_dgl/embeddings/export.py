@@ -17,15 +17,16 @@ are computed independently of one another:
 
 The embeddings never sit in memory at once: the last layer is written to a memmap in a
 scratch directory (inside OUT by default), from which the parts are streamed row group by
-row group.
+row group. The scratch space is checked, and the embeddings' memmap allocated, before any
+layer runs, and a rerun first removes the scratch directories of runs that died (see
+scratch.py). A full disk met while writing ends the export with one line (the command line
+maps the OSError), keeping the complete parts for a rerun.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,6 +49,13 @@ from bgrl_dgl.embeddings.parquet import (
     write_part,
 )
 from bgrl_dgl.embeddings.sampled import InferenceOptions, check_fanouts, compute_parts
+from bgrl_dgl.embeddings.scratch import (
+    allocate_array,
+    check_free_space,
+    layer_scratch_bytes,
+    remove_stale_scratch,
+    scratch_directory,
+)
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.io import (
     TEMP_NAME,
@@ -55,7 +63,6 @@ from bgrl_dgl.io import (
     read_json,
     remove_stale_temp_files,
     temp_path,
-    temp_prefix,
     write_atomic,
 )
 from bgrl_dgl.runs import RunEncoder, load_encoder
@@ -121,7 +128,8 @@ def claim_output(out: Path, inputs: dict[str, Any], overwrite: bool) -> None:
             if complete or recorded != inputs:
                 clear_export(out)
         elif any(not TEMP_NAME.fullmatch(entry.name) for entry in out.iterdir()):
-            raise InputError(out, "exists and is not an embedding export; refusing to write into it")
+            raise InputError(out, "exists and is not an embedding export; refusing to write "
+                                  "into it")
     out.mkdir(parents=True, exist_ok=True)
     publish_inputs(out, inputs)
 
@@ -136,7 +144,8 @@ def publish_inputs(out: Path, inputs: dict[str, Any]) -> None:
         os.link(tmp, path)  # fails if the file exists: the first writer wins
     except FileExistsError:
         if read_json(path) != inputs:
-            raise InputError(out, "another process is writing an export of other inputs here") from None
+            raise InputError(out, "another process is writing an export of other inputs "
+                                  "here") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -154,6 +163,30 @@ def finish_if_complete(out: Path, inputs: dict[str, Any], layout: PartLayout) ->
     write_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
     write_atomic(out / SUCCESS_FILE, "")
     return True
+
+
+def layout_rows(layout: PartLayout, parts: list[int]) -> int:
+    """The number of rows of ``parts``."""
+    return sum(layout.rows(p)[1] - layout.rows(p)[0] for p in parts)
+
+
+def part_complete(out: Path, layout: PartLayout, part: int, schema: Any) -> bool:
+    """Whether part ``part`` of ``out`` is written and complete."""
+    start, end = layout.rows(part)
+    return part_is_complete(out / part_name(part), end - start, schema)
+
+
+def parts_to_compute(out: Path, inputs: dict[str, Any], layout: PartLayout, mine: list[int],
+                     schema: Any, overwrite: bool) -> list[int]:
+    """Which of the parts ``mine`` the export will compute (read-only: before
+    :func:`claim_output`): those missing from an unfinished export of the same inputs,
+    else all of them."""
+    recorded = out / INPUTS_FILE
+    keeps_parts = (recorded.is_file() and read_json(recorded) == inputs
+                   and not (overwrite and (out / SUCCESS_FILE).exists()))
+    if not keeps_parts:
+        return list(mine)
+    return [p for p in mine if not part_complete(out, layout, p, schema)]
 
 
 @dataclass(frozen=True)
@@ -188,7 +221,8 @@ def export_embeddings(out: str | os.PathLike, *, run: str | os.PathLike | None =
                       dtype: Literal["float32", "float16"] = "float32",
                       nodes: str | os.PathLike | None = None,
                       options: InferenceOptions = InferenceOptions(),
-                      rows_per_part: int | None = None, scratch_dir: str | os.PathLike | None = None,
+                      rows_per_part: int | None = None,
+                      scratch_dir: str | os.PathLike | None = None,
                       overwrite: bool = False, world: World = World()) -> ExportResult:
     """Embed the nodes of a store with a run's (or a checkpoint's) encoder into the Parquet
     export ``out`` (see the module docstring), writing the parts of ``world.rank`` of
@@ -216,35 +250,39 @@ def export_embeddings(out: str | os.PathLike, *, run: str | os.PathLike | None =
     node_ids = None if nodes is None else read_node_ids(nodes, store.num_nodes)
     device = process_device(options.device, world)
     dim = source.encoder.out_dim
-    layout = PartLayout.plan(store.num_nodes, node_ids, dim * np.dtype(DTYPES[dtype][0]).itemsize + 8,
+    rows_dtype = np.dtype(DTYPES[dtype][0])
+    layout = PartLayout.plan(store.num_nodes, node_ids, dim * rows_dtype.itemsize + 8,
                              rows_per_part)
     inputs = export_inputs(store, source, encoder, dtype, node_ids, options.fanouts,
                            options.seed, layout, None if run is None else Path(run))
     schema = embedding_schema(dim, dtype, bool(store.node_types))
 
+    mine = layout.rank_parts(world.rank, world.world_size)
+    scratch_root = out if scratch_dir is None else Path(scratch_dir)
+    remove_stale_scratch(scratch_root)  # before the free space is measured
+    hidden = list(source.config.model.hidden) if options.fanouts is None else []
+    planned = parts_to_compute(out, inputs, layout, mine, schema, overwrite)
+    check_free_space(scratch_root, layer_scratch_bytes(store.num_nodes, hidden)
+                     + layout_rows(layout, planned) * dim * rows_dtype.itemsize,
+                     f"embedding {layout_rows(layout, planned):,} nodes")
+
     claim_output(out, inputs, overwrite)
     remove_stale_temp_files(out)
-    mine = layout.rank_parts(world.rank, world.world_size)
-    missing = [p for p in mine
-               if not part_is_complete(out / part_name(p), layout.rows(p)[1] - layout.rows(p)[0], schema)]
+    missing = [p for p in mine if not part_complete(out, layout, p, schema)]
     if missing:
-        scratch = Path(tempfile.mkdtemp(prefix=temp_prefix() + "scratch-",
-                                        dir=out if scratch_dir is None else scratch_dir))
-        try:
-            num_rows = sum(layout.rows(p)[1] - layout.rows(p)[0] for p in missing)
-            rows = np.memmap(scratch / "embeddings", dtype=DTYPES[dtype][0], mode="w+",
-                             shape=(num_rows, dim))
+        with scratch_directory(scratch_root) as scratch:
+            rows = allocate_array(scratch / "embeddings", rows_dtype,
+                                  (layout_rows(layout, missing), dim))
             compute_parts(source.encoder, store, layout, missing, rows, options, scratch,
                           source.config.sampling.graph_degrees, device)
             offset = 0
             for part in missing:
                 part_nodes = layout.node_ids(part)
                 write_part(out / part_name(part), store, part_nodes,
-                           rows[offset:offset + part_nodes.size], schema, layout.row_group_rows)
+                           rows[offset:offset + part_nodes.size], schema,
+                           layout.row_group_rows)
                 offset += part_nodes.size
             del rows
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
     complete = finish_if_complete(out, inputs, layout)
     return ExportResult(out, layout.num_rows, dim, dtype, missing,
                         [p for p in mine if p not in missing], layout.num_parts, complete,

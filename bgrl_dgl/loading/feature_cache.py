@@ -11,24 +11,29 @@ than memory are left for the cold rows:
 * ``sampled``: the nodes that appear most often among the input nodes of a few hundred
   batches sampled with the training fanouts (ties, and nodes never seen, by in-degree).
 
-One copy per machine. The cache is a directory in shared memory (``/dev/shm``)::
+One copy per machine and user. The cache is a directory in shared memory (``/dev/shm``)::
 
-    bgrl-dgl-cache-<key>/rows.npy    [C, F] the store's feature dtype: the cached rows, by id
-    bgrl-dgl-cache-<key>/slots.npy   [N] int32: row of node v in rows.npy, -1 = not cached
-    bgrl-dgl-cache-<key>/meta.json   what was cached, for whom; owner: pid of its owner
+    bgrl-dgl-cache-<uid>-<key>/rows.npy    [C, F] the store's feature dtype: the cached rows
+    bgrl-dgl-cache-<uid>-<key>/slots.npy   [N] int32: row of node v in rows.npy, -1 = not cached
+    bgrl-dgl-cache-<uid>-<key>/meta.json   what was cached, for whom; the owner process
 
-``key`` hashes the features file (path, mtime, size), the policy and the budget (and, for
+``uid`` is the user's, so that users never share (or block) one another's caches. ``key``
+hashes the features file (path, mtime, size), the policy and the budget (and, for
 ``sampled``, the sampling settings), so a rebuilt store never meets a stale cache. One process
-writes the directory under a temporary name and renames it; every process, including
+writes the directory under a private temporary name and renames it; every process, including
 DataLoader workers that are handed only the directory's path, memory-maps the files
-read-only, so the pages are shared, not copied. The budget counts the cached rows
+read-only, so the pages are shared, not copied. A directory found under the cache's name is
+used only if it is this user's own and describes this very cache (see
+:mod:`~bgrl_dgl.loading.cache_files`): another user who can read the store could otherwise
+plant rows that every batch would train on. The budget counts the cached rows
 (``floor(budget / row bytes)`` rows, at most N); the slot map costs N * 4 bytes more (400 MB
 for 100M nodes), paid once per machine like the rows.
 
 The process that wrote the directory owns it and removes it when it closes the cache (at the
 end of a training run). A run that dies without closing it (SIGKILL, out of memory) leaves it
 in ``/dev/shm`` until the next reboot, or until the next run with the same key finds it,
-takes it over (the recorded owner is no longer alive) and removes it when it ends.
+takes it over (the recorded owner, a pid and its start time, is no longer alive) and removes
+it when it ends.
 
 A sampler that reads through a cache advises the kernel that its reads of the feature file
 are random (:func:`advise_random_reads`): the cache is meant for feature files larger than
@@ -58,7 +63,18 @@ import numpy as np
 import torch
 
 from bgrl_dgl.errors import InputError
-from bgrl_dgl.io import process_alive, remove_stale_temp_files, temp_path, write_atomic
+from bgrl_dgl.io import remove_stale_temp_files
+from bgrl_dgl.loading.cache_files import (
+    META_FILE,
+    ROWS_FILE,
+    SLOTS_FILE,
+    adopt_if_orphaned,
+    not_a_cache,
+    open_cache_files,
+    owner_record,
+    private_temp_dir,
+    seal,
+)
 from bgrl_dgl.loading.sampler import BlockSampler
 from bgrl_dgl.store.format import NpyWriter
 
@@ -67,7 +83,6 @@ if TYPE_CHECKING:
 
 CachePolicy = Literal["degree", "sampled"]
 CACHE_PREFIX = "bgrl-dgl-cache-"
-ROWS_FILE, SLOTS_FILE, META_FILE = "rows.npy", "slots.npy", "meta.json"
 # Batches sampled to count how often each node is an input node (the ``sampled`` policy).
 SAMPLED_BATCHES = 256
 # Bytes of feature rows copied into the cache at a time while it is written.
@@ -130,9 +145,14 @@ def cache_key(store: "GraphStore", budget: int, policy: CachePolicy,
 
 def cache_directory(store: "GraphStore", budget: int, policy: CachePolicy,
                     extra: dict[str, Any], root: Path | None = None) -> Path:
-    """Where the cache of these settings lives (whether or not it exists)."""
+    """Where this user's cache of these settings lives (whether or not it exists)."""
     root = default_cache_root() if root is None else Path(root)
-    return root / f"{CACHE_PREFIX}{cache_key(store, budget, policy, extra)}"
+    return root / f"{user_prefix()}{cache_key(store, budget, policy, extra)}"
+
+
+def user_prefix() -> str:
+    """The start of the names of this user's cache directories: ``bgrl-dgl-cache-<uid>-``."""
+    return f"{CACHE_PREFIX}{os.getuid()}-"
 
 
 def cached_row_count(store: "GraphStore", budget: int) -> int:
@@ -151,20 +171,38 @@ def check_cache_budget(store: "GraphStore", budget: int) -> None:
         cached_row_count(store, budget)
 
 
+def cache_plan(store: "GraphStore", budget: int, policy: CachePolicy, *, fanouts: list[int],
+               seed_nodes: np.ndarray, batch_size: int, seed: int,
+               root: Path | None = None) -> tuple[Path, dict[str, Any]]:
+    """Where this user's cache of these settings lives, and what its meta.json records
+    (besides the owner); the arguments are those of :meth:`FeatureCache.build`."""
+    extra: dict[str, Any] = {}
+    if policy == "sampled":
+        digest = hashlib.blake2b(np.ascontiguousarray(seed_nodes).data, digest_size=8)
+        extra = {"fanouts": list(fanouts), "batch_size": batch_size, "seed": seed,
+                 "seed_nodes": digest.hexdigest()}
+    directory = cache_directory(store, budget, policy, extra, root)
+    count = cached_row_count(store, budget)
+    return directory, {**cache_identity(store, count), "policy": policy, "budget": budget,
+                       **extra}
+
+
 class FeatureCache:
     """The cached rows and the id -> row map of one cache directory, memory-mapped read-only.
 
     ``rows``: [C, F] in the store's feature dtype; ``slot_of``: [N] int32, -1 = not cached.
     :meth:`open` attaches to an existing directory; :meth:`build` writes one (or attaches to
-    an existing one) and may own it. Closing an owning cache removes the directory.
+    an existing one) and may own it. Closing an owning cache removes the directory. Either
+    way the directory and its files are checked first (this user's own, and consistent;
+    ``expected``: what its meta.json must record); InputError otherwise.
     """
 
-    def __init__(self, directory: Path, owner: bool) -> None:
+    def __init__(self, directory: Path, owner: bool,
+                 expected: dict[str, Any] | None = None) -> None:
         self.directory = Path(directory)
         self.owner = owner
         self.closed = False
-        self.rows: np.ndarray = np.load(self.directory / ROWS_FILE, mmap_mode="r")
-        self.slot_of: np.ndarray = np.load(self.directory / SLOTS_FILE, mmap_mode="r")
+        _, self.rows, self.slot_of = open_cache_files(self.directory, expected)
 
     @classmethod
     def open(cls, directory: str | os.PathLike) -> "FeatureCache":
@@ -179,30 +217,29 @@ class FeatureCache:
 
         Written by this process unless it exists already; ``fanouts``, ``seed_nodes``,
         ``batch_size`` and ``seed`` drive the sampling pass of the ``sampled`` policy
-        (default: fanouts [10, 10] over all nodes).
+        (default: fanouts [10, 10] over all nodes). InputError when a directory under its
+        name is not this user's cache of these settings.
         """
         fanouts = [10, 10] if fanouts is None else list(fanouts)
         if seed_nodes is None:
             seed_nodes = np.arange(store.num_nodes, dtype=np.int64)
-        extra: dict[str, Any] = {}
-        if policy == "sampled":
-            digest = hashlib.blake2b(np.ascontiguousarray(seed_nodes).data, digest_size=8)
-            extra = {"fanouts": fanouts, "batch_size": batch_size, "seed": seed,
-                     "seed_nodes": digest.hexdigest()}
-        directory = cache_directory(store, budget, policy, extra, root)
-        count = cached_row_count(store, budget)
+        directory, expected = cache_plan(store, budget, policy, fanouts=fanouts,
+                                         seed_nodes=seed_nodes, batch_size=batch_size,
+                                         seed=seed, root=root)
         # One writer per store at a time: the others wait, then attach to what it wrote.
         with open(store.array_path("features"), "rb") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            remove_stale_temp_files(directory.parent)  # a dead writer's
-            if directory.is_dir():
-                owner = adopt_if_orphaned(directory)
+            # A dead writer's temp directories (this user's only: others' are not ours).
+            remove_stale_temp_files(directory.parent, user_prefix(), own_only=True)
+            if os.path.lexists(directory):
+                meta, _, _ = open_cache_files(directory, expected)
+                owner = adopt_if_orphaned(directory, meta)
             else:
-                ids = hot_nodes(store, count, policy, fanouts=fanouts, seed_nodes=seed_nodes,
-                                batch_size=batch_size, seed=seed)
-                write_cache(directory, store, ids, {"policy": policy, "budget": budget, **extra})
+                ids = hot_nodes(store, expected["rows"], policy, fanouts=fanouts,
+                                seed_nodes=seed_nodes, batch_size=batch_size, seed=seed)
+                write_cache(directory, store, ids, expected)
                 owner = True
-        return cls(directory, owner)
+        return cls(directory, owner, expected)
 
     @property
     def num_rows(self) -> int:
@@ -248,17 +285,23 @@ class FeatureCache:
         self.close()
 
 
+def cache_identity(store: "GraphStore", rows: int) -> dict[str, Any]:
+    """What a cache of ``rows`` rows of ``store`` records about them in its meta.json."""
+    return {"store": str(store.path.resolve()), "num_nodes": store.num_nodes,
+            "feat_dim": store.feat_dim, "feat_dtype": store.feat_dtype.name, "rows": rows}
+
+
 def write_cache(directory: Path, store: "GraphStore", ids: np.ndarray,
                 settings: dict[str, Any]) -> None:
-    """Write the cache of rows ``ids`` (ascending) to ``directory`` (temp dir + rename)."""
+    """Write the cache of rows ``ids`` (ascending) to ``directory`` (a private temp directory
+    renamed into place); ``settings`` go to meta.json."""
     row_bytes = store.feat_dim * store.feat_dtype.itemsize
     needed = len(ids) * row_bytes + store.num_nodes * 4
     free = shutil.disk_usage(directory.parent).free
     if needed > free:
         raise InputError(directory.parent, f"the feature cache needs {needed} bytes, "
                                            f"only {free} are free")
-    tmp = temp_path(directory)
-    tmp.mkdir()
+    tmp = private_temp_dir(directory)
     try:
         # File writes, not a writable memmap: a full tmpfs then fails with ENOSPC, not SIGBUS.
         writer = NpyWriter(tmp / ROWS_FILE, store.feat_dtype, (store.feat_dim,))
@@ -269,25 +312,29 @@ def write_cache(directory: Path, store: "GraphStore", ids: np.ndarray,
         slot_of = np.full(store.num_nodes, -1, dtype=np.int32)
         slot_of[ids] = np.arange(len(ids), dtype=np.int32)
         np.save(tmp / SLOTS_FILE, slot_of, allow_pickle=False)
-        meta = {"store": str(store.path.resolve()), "num_nodes": store.num_nodes,
-                "feat_dim": store.feat_dim, "feat_dtype": store.feat_dtype.name,
-                "rows": len(ids), **settings, "owner": os.getpid()}
+        meta = {**cache_identity(store, len(ids)), **settings, **owner_record()}
         (tmp / META_FILE).write_text(json.dumps(meta), encoding="utf-8")
-        os.rename(tmp, directory)
+        seal(tmp)
+        try:
+            os.rename(tmp, directory)
+        except OSError as err:  # something took the name since it was looked up
+            raise not_a_cache(directory, f"appeared while the cache was written: "
+                                         f"{err.strerror}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def adopt_if_orphaned(directory: Path) -> bool:
-    """Whether this process owns the existing cache ``directory``: it does when the recorded
-    owner is gone (a run that died), and records itself as the owner."""
-    meta_path = directory / META_FILE
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if process_alive(int(meta["owner"])):
-        return False
-    meta["owner"] = os.getpid()
-    write_atomic(meta_path, json.dumps(meta))
-    return True
+def check_found_cache(store: "GraphStore", budget: int, policy: CachePolicy, *,
+                      fanouts: list[int], seed_nodes: np.ndarray, batch_size: int, seed: int,
+                      root: Path | None = None) -> None:
+    """InputError when something that is not this user's cache of these settings (those of
+    :meth:`FeatureCache.build`) sits under its name: checked before a run writes anything;
+    :meth:`FeatureCache.build` checks again when it finds the directory."""
+    directory, expected = cache_plan(store, budget, policy, fanouts=fanouts,
+                                     seed_nodes=seed_nodes, batch_size=batch_size, seed=seed,
+                                     root=root)
+    if os.path.lexists(directory):
+        open_cache_files(directory, expected)
 
 

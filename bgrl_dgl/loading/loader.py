@@ -12,18 +12,23 @@ resumed run sees exactly the batches an uninterrupted one would.
 from __future__ import annotations
 
 import contextlib
+import os
+import select
 import signal
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from bgrl_dgl.config import field, parse_size
 from bgrl_dgl.errors import InputError
-from bgrl_dgl.loading.feature_cache import CachePolicy, FeatureCache
+from bgrl_dgl.io import process_alive, process_start_time, same_process_alive
+from bgrl_dgl.loading.feature_cache import CachePolicy, FeatureCache, check_found_cache
 from bgrl_dgl.loading.features import FeatureSource
 from bgrl_dgl.loading.sampler import NeighborBatchSampler, SampledBatch, batch_rng_seed
 from bgrl_dgl.store.reader import GraphStore, read_node_ids
@@ -172,6 +177,8 @@ class _RunBatches(Dataset):
         self.float32_features = loader.float32_in_workers
         self.first_step = first_step
         self.last_step = last_step
+        # The training process, which the workers must not outlive.
+        self.trainer = (os.getpid(), process_start_time(os.getpid()))
         self._sampler: NeighborBatchSampler | None = None
 
     def __len__(self) -> int:
@@ -241,6 +248,60 @@ def _worker_init(_: int) -> None:
     # multiprocessing terminates leftover workers with it at exit.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
+    info = get_worker_info()
+    if info is not None and isinstance(info.dataset, _RunBatches):
+        exit_with(*info.dataset.trainer)
+
+
+# The exit status of a worker whose training process has gone.
+ORPHAN_EXIT = 70
+# Seconds between checks of the training process where the kernel offers no pidfd.
+ORPHAN_POLL_S = 1.0
+
+
+def exit_with(pid: int, start_time: int | None) -> None:
+    """End this process as soon as the process ``pid`` (started at ``start_time``, see
+    bgrl_dgl.io.process_start_time) ends, however it ends (SIGKILL included).
+
+    A worker's parent is the forkserver, not the training process, so neither the parent
+    death signal (``PR_SET_PDEATHSIG``) nor torch's check of the parent pid notices a killed
+    training process; and the forkserver, and multiprocessing's resource tracker, live as
+    long as a worker holds their pipes. Left alone, a killed run's workers would keep their
+    memory and their mappings of the feature cache forever. Here a daemon thread waits on a
+    pidfd of the training process (or polls it where there is none) and exits the process.
+    """
+    try:
+        handle: int | None = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(ORPHAN_EXIT)
+    except (AttributeError, OSError):  # no pidfd_open (Python or kernel): poll instead
+        handle = None
+    # The pid might already name another process, if the training process died before this.
+    if not same_process_alive(pid, start_time):
+        os._exit(ORPHAN_EXIT)
+    threading.Thread(target=_exit_when_gone, args=(pid, handle), name="exit-with-trainer",
+                     daemon=True).start()
+
+
+def _exit_when_gone(pid: int, handle: int | None) -> None:
+    """Block until process ``pid`` (or its pidfd ``handle``) has ended, then exit at once."""
+    if handle is not None:
+        select.select([handle], [], [])  # a pidfd turns readable when its process ends
+    else:
+        while process_alive(pid):
+            time.sleep(ORPHAN_POLL_S)
+    os._exit(ORPHAN_EXIT)
+
+
+def check_training_cache(store: GraphStore, config: SamplingConfig, seed_nodes: np.ndarray,
+                         seed: int) -> None:
+    """InputError when something other than this user's cache of the run's settings sits
+    under the name of the training run's feature cache (none when ``config.cache_bytes`` is
+    0); called before the run writes anything."""
+    if config.cache_bytes:
+        check_found_cache(store, config.cache_bytes, config.cache_policy,
+                          fanouts=config.fanouts, seed_nodes=seed_nodes,
+                          batch_size=config.batch_size, seed=seed)
 
 
 @contextlib.contextmanager
@@ -256,4 +317,3 @@ def training_cache(store: "GraphStore", config: "SamplingConfig", seed_nodes: np
                             seed_nodes=seed_nodes, batch_size=config.batch_size,
                             seed=seed) as cache:
         yield cache
-

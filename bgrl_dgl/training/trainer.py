@@ -29,7 +29,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from bgrl_dgl import config as cfg
 from bgrl_dgl.loading.feature_cache import check_cache_budget
-from bgrl_dgl.loading.loader import BatchLoader, SeedSchedule, training_cache
+from bgrl_dgl.loading.loader import (
+    BatchLoader,
+    SeedSchedule,
+    check_training_cache,
+    training_cache,
+)
 from bgrl_dgl.loading.sampler import SampledBatch
 from bgrl_dgl.model.augment import augment_view
 from bgrl_dgl.model.bgrl import OnlineBranch, build_model, cosine_tau, embedding_std
@@ -284,6 +289,7 @@ def train(data: str | Path, run_dir: str | Path, config: TrainConfig, *, resume:
         # Built before the run directory is created, so that bad settings leave nothing behind.
         trainer, schedule = build_trainer(config, store, run_dir, device, world)
         check_cache_budget(store, config.sampling.cache_bytes)
+        check_training_cache(store, config.sampling, schedule.seed_nodes, config.run.seed)
         resumed = resume_state(run_dir, resume or world.restart_count > 0, world)
         if resumed is not None:
             trainer.load_state(resumed[1], resumed[0])

@@ -1,0 +1,87 @@
+"""Scratch space of an export: the memmaps of the layers, checked and allocated up front.
+
+A memmap is written through page faults, and a page that the file system cannot allocate
+kills the process with SIGBUS: no message, no cleanup, the scratch directory left behind. So
+the space the layers need is checked before anything is written, the embeddings' memmap is
+allocated on disk (``posix_fallocate``) before it is mapped, and stale scratch directories
+of dead processes are removed before the space is measured.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from bgrl_dgl.errors import InputError
+from bgrl_dgl.io import remove_stale_temp_files, temp_prefix
+
+SCRATCH_NAME = "scratch-"
+# Bytes per element of the intermediate layers' memmaps (layerwise inference writes float32).
+LAYER_ITEMSIZE = 4
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def layer_scratch_bytes(num_nodes: int, hidden: list[int]) -> int:
+    """The most bytes that exact layer-wise inference keeps in scratch at once for the layers
+    before the last: layer ``i``'s output [N, hidden[i]] float32 is written while layer
+    ``i - 1``'s, its input, still exists."""
+    widths = [0, *hidden[:-1]]
+    return max((num_nodes * LAYER_ITEMSIZE * (widths[i - 1] + widths[i])
+                for i in range(1, len(widths))), default=0)
+
+
+def existing_ancestor(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists (where a new ``path`` would be made)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_free_space(directory: Path, needed: int, what: str) -> None:
+    """InputError unless the file system of ``directory`` has ``needed`` bytes free."""
+    free = shutil.disk_usage(existing_ancestor(directory)).free
+    if needed > free:
+        raise InputError(directory, f"{what} needs {needed:,} bytes of scratch space, only "
+                                    f"{free:,} are free: free some space, or pass --scratch-dir "
+                                    "on a larger file system")
+
+
+def remove_stale_scratch(root: Path) -> None:
+    """Delete the scratch directories that dead processes of this user left in ``root``."""
+    remove_stale_temp_files(existing_ancestor(root), SCRATCH_NAME, own_only=True)
+
+
+@contextlib.contextmanager
+def scratch_directory(root: Path) -> Iterator[Path]:
+    """A new private scratch directory in ``root``, named so that a later run removes it if
+    this process dies first (see bgrl_dgl.io); removed when the block ends."""
+    scratch = Path(tempfile.mkdtemp(prefix=temp_prefix() + SCRATCH_NAME, dir=root))
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def allocate_array(path: Path, dtype: np.dtype | str, shape: tuple[int, ...]) -> np.memmap:
+    """A new zero-filled writable memmap at ``path`` whose blocks are allocated on disk first,
+    so that writing it cannot fail with SIGBUS; InputError when the disk is full."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    with open(path, "wb") as handle:
+        if nbytes:
+            try:
+                os.posix_fallocate(handle.fileno(), 0, nbytes)
+            except OSError as err:
+                if err.errno in DISK_FULL:
+                    raise InputError(path, f"cannot allocate {nbytes:,} bytes: "
+                                           f"{os.strerror(err.errno)}") from None
+                handle.truncate(nbytes)  # no fallocate on this file system: sparse, as before
+    if not nbytes:
+        return np.zeros(shape, dtype=dtype)  # mmap cannot map an empty file
+    return np.memmap(path, dtype=dtype, mode="r+", shape=shape)
