@@ -74,6 +74,8 @@ SOURCE_MODELS = ("uniform", "powerlaw")
 MAX_NODES = 1 << 40
 MAX_EDGES = 1 << 44
 MAX_FEAT_DIM = 1 << 24
+FEATURE_KINDS = ("gaussian", "binary")
+TOPIC_FRACTION = 0.1  # share of the columns that are a class's topic columns (binary features)
 
 T = TypeVar("T")
 
@@ -92,6 +94,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feature-noise", type=float, default=1.5,
                         help="std of the Gaussian noise on each feature coordinate; class means "
                              "have unit norm (default: 1.5)")
+    parser.add_argument("--feature-kind", choices=FEATURE_KINDS, default="gaussian",
+                        help="'gaussian' (class mean + Gaussian noise) or 'binary' (sparse 0/1 "
+                             "bag-of-words-like rows, see --feature-density) (default: gaussian)")
+    parser.add_argument("--feature-density", type=float, default=0.01,
+                        help="with --feature-kind binary: expected fraction of ones per row; a "
+                             "share 1 / (1 + feature-noise) of them falls on the class's topic "
+                             "columns, the rest anywhere (default: 0.01)")
     parser.add_argument("--degree-exponent", type=float, default=2.5,
                         help="power-law exponent of the in-degree distribution (and of the "
                              "out-degrees with --sources powerlaw), > 2 (default: 2.5)")
@@ -122,6 +131,8 @@ class Options:
     label_fraction: float
     sources: str
     seed: int
+    feature_kind: str = "gaussian"
+    feature_density: float = 0.01
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Options":
@@ -150,9 +161,15 @@ class Options:
         require(args.sources in SOURCE_MODELS, "--sources",
                 "must be one of " + ", ".join(SOURCE_MODELS))
         require(args.seed >= 0, "--seed", "must be a non-negative integer")
+        kind = getattr(args, "feature_kind", "gaussian")
+        density = getattr(args, "feature_density", 0.01)
+        require(kind in FEATURE_KINDS, "--feature-kind",
+                "must be one of " + ", ".join(FEATURE_KINDS))
+        require(np.isfinite(density) and 0.0 < density <= 1.0, "--feature-density",
+                "must be greater than 0 and at most 1")
         return cls(args.num_nodes, num_edges, args.feat_dim, args.num_classes, args.homophily,
                    args.feature_noise, args.degree_exponent, args.label_fraction, args.sources,
-                   args.seed)
+                   args.seed, kind, density)
 
 
 def require(condition: bool, flag: str, problem: str) -> None:
@@ -330,10 +347,39 @@ def feature_rows_per_block(feat_dim: int) -> int:
     return max(1, FEATURE_BLOCK_VALUES // feat_dim)
 
 
+def binary_probabilities(opts: Options) -> np.ndarray:
+    """[C, F] float32: the probability of a one in each column for a node of each class.
+
+    Every class has a random set of ``TOPIC_FRACTION * F`` topic columns; a row expects
+    ``feature_density * F`` ones, a share ``1 / (1 + feature_noise)`` of them on its class's
+    topic columns and the rest spread over all columns."""
+    rng = block_rng(opts.seed, _MEAN_STREAM)
+    num_topic = max(1, round(TOPIC_FRACTION * opts.feat_dim))
+    signal = 1.0 / (1.0 + opts.feature_noise)
+    probs = np.full((opts.num_classes, opts.feat_dim), opts.feature_density * (1.0 - signal))
+    for row in probs:
+        topic = rng.choice(opts.feat_dim, size=num_topic, replace=False)
+        row[topic] += opts.feature_density * signal * opts.feat_dim / num_topic
+    return np.minimum(probs, 1.0).astype(np.float32)
+
+
+def binary_block(opts: Options, node_class: np.ndarray, probs: np.ndarray, block: int,
+                 dtype: np.dtype) -> np.ndarray:
+    """Binary feature rows ``[block * rows_per_block, ...)``: [r, F] 0/1 of ``dtype``."""
+    rows = feature_rows_per_block(opts.feat_dim)
+    start = block * rows
+    stop = min(start + rows, opts.num_nodes)
+    draws = block_rng(opts.seed, _FEATURE_STREAM, block).random(
+        (stop - start, opts.feat_dim), dtype=np.float32)
+    return (draws < probs[node_class[start:stop]]).astype(dtype)
+
+
 def feature_block(opts: Options, node_class: np.ndarray, means: np.ndarray, noise: np.ndarray,
                   block: int, dtype: np.dtype) -> np.ndarray:
     """Feature rows ``[block * rows_per_block, ...)``: [r, F] float32, or float16 (rounded
     from float32) if ``dtype`` is float16."""
+    if opts.feature_kind == "binary":
+        return binary_block(opts, node_class, means, block, dtype)
     rows = feature_rows_per_block(opts.feat_dim)
     start = block * rows
     stop = min(start + rows, opts.num_nodes)
@@ -353,7 +399,10 @@ def feature_chunks(opts: Options, node_class: np.ndarray,
                    dtype: np.dtype = np.dtype(np.float32)) -> Iterator[np.ndarray]:
     """Row blocks of the [N, F] features (float32 or float16), in node order, for nodes of
     classes ``node_class`` ([N] integers)."""
-    means, noise = class_means(opts), noise_table(opts.feature_noise)
+    if opts.feature_kind == "binary":  # the class profiles take the place of the means
+        means, noise = binary_probabilities(opts), np.zeros(0, np.float32)
+    else:
+        means, noise = class_means(opts), noise_table(opts.feature_noise)
     return ordered_map(lambda block: feature_block(opts, node_class, means, noise, block, dtype),
                        num_blocks(opts.num_nodes, feature_rows_per_block(opts.feat_dim)))
 

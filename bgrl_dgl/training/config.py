@@ -12,14 +12,26 @@ from bgrl_dgl.loading.loader import SamplingConfig
 from bgrl_dgl.model.augment import AugmentConfig
 from bgrl_dgl.model.encoder import ModelConfig
 
+# The default length of a run. Counted in steps, not epochs, so that its cost is bounded on
+# any graph (an epoch of a large graph is many steps); see the README's "Choosing the
+# schedule" for how it was chosen and how to set it for a large graph.
+DEFAULT_STEPS = 800
+WARMUP_FRACTION = 16  # the default warm-up is 1/16 of the run's steps
+
 
 @dataclass
 class OptimConfig:
-    epochs: int = field(70, "passes over the seed nodes")
-    max_steps: int | None = field(None, "stop after this many steps (overrides --epochs)")
+    steps: int = field(DEFAULT_STEPS, "length of the run in optimizer steps, whatever the "
+                                      "graph's size; warm-up, lr and tau schedules follow it")
+    epochs: int | None = field(None, "length of the run in passes over the seed nodes instead "
+                                     "of --steps (steps = epochs x steps per epoch)")
+    max_steps: int | None = field(None, "length of the run in steps, taking precedence over "
+                                        "--epochs and --steps")
     lr: float = field(1e-3, "peak AdamW learning rate")
     weight_decay: float = field(1e-5, "AdamW weight decay")
-    warmup_steps: int = field(50, "linear learning-rate warm-up steps, then cosine decay to 0")
+    warmup_steps: int | None = field(
+        None, "linear learning-rate warm-up steps, then cosine decay to 0 (default: 1/16 of "
+              "the run's steps)")
     tau_base: float = field(0.99, "initial EMA momentum of the target; cosine-scheduled to 1.0")
     lr_scaling: Literal["none", "linear", "sqrt"] = field(
         "none", "how the peak learning rate grows with the number of processes P, whose global "
@@ -30,10 +42,27 @@ class OptimConfig:
         factor = {"none": 1.0, "linear": float(world_size), "sqrt": math.sqrt(world_size)}
         return self.lr * factor[self.lr_scaling]
 
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """The run's number of optimizer steps: ``max_steps`` if set, else ``epochs`` passes
+        of ``steps_per_epoch`` if set, else ``steps``."""
+        if self.max_steps is not None:
+            return self.max_steps
+        if self.epochs is not None:
+            return self.epochs * steps_per_epoch
+        return self.steps
+
+    def warmup(self, total_steps: int) -> int:
+        """The warm-up steps of a run of ``total_steps``: ``warmup_steps`` if set, else
+        1/16 of the run (50 of the default 800 steps)."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return max(1, total_steps // WARMUP_FRACTION)
+
     def __post_init__(self) -> None:
-        if self.epochs <= 0 or (self.max_steps is not None and self.max_steps <= 0):
-            raise ValueError("epochs and max_steps must be positive")
-        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0:
+        if self.steps <= 0 or any(value is not None and value <= 0
+                                  for value in (self.epochs, self.max_steps)):
+            raise ValueError("steps, epochs and max_steps must be positive")
+        if self.lr <= 0 or self.weight_decay < 0 or (self.warmup_steps or 0) < 0:
             raise ValueError("lr must be positive; weight_decay and warmup_steps non-negative")
         if not 0.0 <= self.tau_base <= 1.0:
             raise ValueError("tau_base must lie in [0, 1]")

@@ -3,10 +3,11 @@ watch. Each decides for itself when it has something to do."""
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Iterator, TypeVar
+from typing import Any, Iterable, Iterator, TextIO, TypeVar
 
 from tqdm import tqdm
 
@@ -83,3 +84,62 @@ class CollapseWatch:
             warnings.warn(f"embedding std {std:.2e} fell below {self.threshold:.2e} at step "
                           f"{step}: the representation may be collapsing", stacklevel=2)
             self.warned = True
+
+
+def format_duration(seconds: float) -> str:
+    """``seconds`` as ``42 s``, ``12.5 min`` or ``3.2 h``."""
+    if seconds < 100:
+        return f"{seconds:.0f} s"
+    if seconds < 6000:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class StepTimeEstimate:
+    """Prints once, early in a run, the measured time per step and the expected duration of
+    the run, so that a run too long for its graph can be stopped (and ``--steps`` or
+    ``--batch-size`` changed) before it has cost much (rank 0 only).
+
+    The first step of a run (or resumed run) is left out, as it includes the sampling
+    workers' start-up; the estimate is the mean of the next ``window`` steps, printed after
+    the last of them (or at the run's last step, if it comes first).
+
+    Args:
+        total_steps: the run's number of steps.
+        first_step: the step the run starts from (0, or the checkpoint's step on resume).
+        enabled: whether this process prints (rank 0).
+        window: steps measured after the first.
+        stream: where the line goes (standard error by default).
+    """
+
+    def __init__(self, total_steps: int, first_step: int, enabled: bool, window: int = 5,
+                 stream: TextIO | None = None) -> None:
+        self.total_steps = total_steps
+        self.first_step = first_step
+        self.enabled = enabled
+        self.window = window
+        self.stream = stream
+        self._start: float | None = None
+        self.printed = False
+
+    def observe(self, step: int, now: float | None = None) -> str | None:
+        """Record that ``step`` (1-based, the number of steps done) ended at ``now``; returns
+        the line when it is printed."""
+        now = time.perf_counter() if now is None else now
+        if self.printed or step <= self.first_step:
+            return None
+        if self._start is None:  # the end of the first step starts the clock
+            self._start = now
+            return None
+        measured = step - self.first_step - 1
+        if measured < self.window and step < self.total_steps:
+            return None
+        per_step = (now - self._start) / measured
+        line = (f"time per step {per_step:.2f} s (mean of steps {step - measured + 1}-{step}); "
+                f"expected total for {self.total_steps} steps: "
+                f"{format_duration(per_step * self.total_steps)}, "
+                f"{format_duration(per_step * (self.total_steps - step))} to go")
+        self.printed = True
+        if self.enabled:
+            tqdm.write(line, file=self.stream or sys.stderr)
+        return line

@@ -58,7 +58,13 @@ from bgrl_dgl.training.distributed import (
     world_from_env,
 )
 from bgrl_dgl.training.host import compute_threads, keep_freed_host_memory
-from bgrl_dgl.training.monitor import CollapseWatch, MetricsLog, ProgressBar, timed
+from bgrl_dgl.training.monitor import (
+    CollapseWatch,
+    MetricsLog,
+    ProgressBar,
+    StepTimeEstimate,
+    timed,
+)
 
 
 def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
@@ -112,7 +118,7 @@ class Trainer:
                                               world.local_world_size))
         if device.type == "cpu":
             keep_freed_host_memory()
-        self.total_steps = config.optim.max_steps or config.optim.epochs * steps_per_epoch
+        self.total_steps = config.optim.total_steps(steps_per_epoch)
         self.model = build_model(store.feat_dim, config.model, config.run.seed).to(device)
         self.online_branch = self._online_branch()
         self.model.copy_online_to_target()
@@ -122,9 +128,10 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.trainable_parameters(),
                                            lr=config.optim.peak_lr(world.world_size),
                                            weight_decay=config.optim.weight_decay)
+        warmup_steps = config.optim.warmup(self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
-            lambda step: lr_factor(step, config.optim.warmup_steps, self.total_steps))
+            lambda step: lr_factor(step, warmup_steps, self.total_steps))
         self.step = 0
         run = config.run
         self.checkpointer = Checkpointer(run_dir, run.checkpoint_every, world.is_main)
@@ -201,6 +208,7 @@ class Trainer:
         last step's metrics."""
         metrics: dict[str, float] = {}
         started = time.perf_counter()
+        estimate = StepTimeEstimate(self.total_steps, self.step, self.is_main)
         with StopRequest() as stop, ProgressBar(self.total_steps, self.step, self.is_main) as bar:
             for batch, wait_s in timed(loader.batches(self.step, self.total_steps)):
                 metrics = self.train_step(batch)
@@ -209,6 +217,7 @@ class Trainer:
                 last_step = stopping or self.step == self.total_steps
                 self.collapse_watch.observe(metrics["embedding_std"], self.step)
                 bar.update(metrics)
+                estimate.observe(self.step)
                 divergence = self.sync_check.run(self.model.target, self.step,
                                                  last_step=last_step)
                 if divergence is not None:

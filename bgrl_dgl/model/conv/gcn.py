@@ -37,11 +37,13 @@ class GCNConv(nn.Module):
         if self.self_loops:
             adj = adj.self_looped
         src_degree, dst_degree = adj.normalising_degrees
-        h = x * src_degree.clamp(min=1).rsqrt().to(x.dtype).unsqueeze(-1)
+        src_scale = src_degree.clamp(min=1).rsqrt().to(x.dtype)
+        # The source normalisation never scales a copy of x (the step's largest tensor on a
+        # wide input): it scales the projected rows, or weights the edges.
         if self._project_first(adj):
-            h = weighted_sum(adj, None, h @ weight)
+            h = weighted_sum(adj, None, (x @ weight) * src_scale.unsqueeze(-1))
         else:
-            h = weighted_sum(adj, None, h) @ weight
+            h = weighted_sum(adj, src_scale[adj.indices], x) @ weight
         return h * dst_degree.clamp(min=1).rsqrt().to(h.dtype).unsqueeze(-1) + self.bias
 
 
