@@ -33,8 +33,9 @@ CPU = torch.device("cpu")
 
 
 def measure(store: GraphStore, batch_size: int, steps: int, warmup: int,
-            threads: int) -> dict[str, float]:
-    """Mean figures of ``steps`` BGRL steps after ``warmup`` uncounted ones."""
+            threads: int, compute: bool = True) -> dict[str, float]:
+    """Mean figures of ``steps`` BGRL steps after ``warmup`` uncounted ones (without
+    ``compute``: of the sampled batches only, with no training step)."""
     config = TrainConfig.defaults()
     config.sampling.batch_size = batch_size
     config.sampling.num_workers = 0
@@ -46,7 +47,9 @@ def measure(store: GraphStore, batch_size: int, steps: int, warmup: int,
         rows: list[dict[str, float]] = []
         for batch in loader.batches(0, warmup + steps):
             first = batch.views[0].adjs[0]
-            metrics = trainer.train_step(batch)
+            metrics = (trainer.train_step(batch) if compute else
+                       {"sample_s": batch.sample_s, "features_s": batch.gather_s,
+                        "compute_s": 0.0})
             rows.append({"seeds": len(batch.seeds), "inputs": first.num_src,
                          "layer1": first.num_dst,
                          "sample_s": metrics["sample_s"] + metrics["features_s"],
@@ -78,6 +81,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="compute threads (default 1: what a default run on 2 cores "
                              "leaves next to its sampling worker)")
+    parser.add_argument("--sample-only", action="store_true",
+                        help="measure the sampled batches only (input rows), no training step")
     args = parser.parse_args()
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     results = []
@@ -88,7 +93,8 @@ def main() -> None:
         for size in sizes:
             start = time.perf_counter()
             row = {"store": str(path), "num_nodes": store.num_nodes, "feat_dim": store.feat_dim,
-                   **measure(store, size, args.steps, args.warmup, args.threads)}
+                   **measure(store, size, args.steps, args.warmup, args.threads,
+                              not args.sample_only)}
             results.append(row)
             print(f"  batch {size:5d}: {row['input_rows_per_seed']:6.1f} input rows/seed "
                   f"({100 * row['input_share_of_graph']:.0f}% of the graph), "
