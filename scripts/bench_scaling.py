@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-scaling-", dir=DATA) as tmp:
         runs = {procs: measure(args, store, procs, Path(tmp)) for procs in args.procs}
     base = runs[args.procs[0]]["seeds_per_s"] / args.procs[0]
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"{os.cpu_count()} CPU cores"
+    cores = f"{os.cpu_count()} CPU cores"
+    device = torch.cuda.get_device_name() if args.device == "cuda" else cores
     result = {
         "device": device,
         "procs": args.procs,

@@ -5,7 +5,8 @@
         --device cpu --backend gloo
 
 Every process joins the process group (NCCL with ``--device cuda``: one process per GPU) and
-runs the training loop of ``bgrl_dgl.training.trainer.Trainer`` for ``--steps`` steps on its share of
+runs the training loop of ``bgrl_dgl.training.trainer.Trainer`` for ``--steps`` steps on its
+share of
 each global batch. A world of one process (one GPU) still goes through the same
 collectives: its online branch is wrapped in ``DistributedDataParallel`` and the batch-norm
 averaging, the metrics and the checkpoint's generator states all go through the group.

@@ -17,7 +17,8 @@ SHARED_CORA = REPO.parent / "shared" / "data" / "cora"
 PLANTED_NODES = 600
 
 
-def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 300,
+            env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m bgrl_dgl ARGS`` in a fresh process, stdin closed."""
     return subprocess.run(
         [sys.executable, "-m", "bgrl_dgl", *map(str, args)],

@@ -35,7 +35,8 @@ TINY = ["--hidden", "32,16", "--predictor-hidden", "32", "--fanouts", "5,5",
 # Dropout draws from torch's global generator, which a resumed run must restore.
 REFERENCE = [*TINY, "--max-steps", str(STEPS), "--log-every", "1",
              "--checkpoint-every", str(CHECKPOINT_EVERY), "--dropout", "0.1"]
-METRIC_KEYS = {"step", "epoch", "loss", "lr", "tau", "seeds", "seeds_per_s", "elapsed_s", "embedding_std",
+METRIC_KEYS = {"step", "epoch", "loss", "lr", "tau", "seeds", "seeds_per_s", "elapsed_s",
+               "embedding_std",
                "sample_s", "features_s", "compute_s"}
 
 
@@ -169,7 +170,8 @@ def encoder_weights(run: Path, which: str) -> dict[str, torch.Tensor]:
 
 
 def test_online_target_and_random_encoders(reference_run) -> None:
-    online, target, random = (encoder_weights(reference_run, w) for w in ("online", "target", "random"))
+    online, target, random = (encoder_weights(reference_run, w) for w in ("online", "target",
+                                                                          "random"))
     assert online.keys() == target.keys() == random.keys()
     assert any(not torch.equal(online[k], target[k]) for k in online)
     assert any(not torch.equal(online[k], random[k]) for k in online)
@@ -214,7 +216,8 @@ def wait_for_lines(run: Path, count: int, process: subprocess.Popen | None = Non
         time.sleep(0.005)
 
 
-def stop_in_subprocess_with_sigint(store: Path, run: Path, after_lines: int) -> subprocess.CompletedProcess:
+def stop_in_subprocess_with_sigint(store: Path, run: Path,
+                                   after_lines: int) -> subprocess.CompletedProcess:
     process = subprocess.Popen(
         [sys.executable, "-m", "bgrl_dgl", *train_args(store, run, *REFERENCE)],
         cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

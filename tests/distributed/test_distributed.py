@@ -142,7 +142,8 @@ def test_two_processes_split_seeds_keep_identical_targets_and_rank_0_writes(refe
     assert (run / "config.yaml").exists() and "world_size: 2" in (run / "run.yaml").read_text()
 
 
-def test_resume_continues_every_rank_from_the_newest_checkpoint(store_dir, reference, tmp_path) -> None:
+def test_resume_continues_every_rank_from_the_newest_checkpoint(store_dir, reference,
+                                                                tmp_path) -> None:
     run, records = reference
     resumed = tmp_path / "run"
     shutil.copytree(run, resumed)
@@ -166,7 +167,8 @@ def test_a_killed_rank_restarts_the_group_from_the_newest_checkpoint(store_dir, 
         restarted = final_state(tmp_path / "records", rank)
         assert restarted["restart_count"] == 1
         assert_same_weights(restarted["model"], final_state(records, rank)["model"])
-    assert [m["loss"] for m in read_metrics(tmp_path / "run")] == [m["loss"] for m in read_metrics(run)]
+    losses = [m["loss"] for m in read_metrics(run)]
+    assert [m["loss"] for m in read_metrics(tmp_path / "run")] == losses
 
 
 def test_sigterm_to_one_rank_stops_all_after_the_same_step_with_a_checkpoint(store_dir, reference,

@@ -1,5 +1,5 @@
-"""The shared host-memory cache of hot feature rows (``bgrl_dgl.loading.feature_cache``) and its use in
-sampling and training."""
+"""The shared host-memory cache of hot feature rows (``bgrl_dgl.loading.feature_cache``) and
+its use in sampling and training."""
 from __future__ import annotations
 
 import json
@@ -68,7 +68,8 @@ def store_rows(store: GraphStore, ids: np.ndarray) -> np.ndarray:
 
 # ---- lookups -------------------------------------------------------------------------------
 @pytest.mark.parametrize("which", ["store", "half_store"])
-def test_gather_gives_the_store_rows_in_their_dtype_and_counts_hits(request, tmp_path, which) -> None:
+def test_gather_gives_the_store_rows_in_their_dtype_and_counts_hits(request, tmp_path,
+                                                                    which) -> None:
     graph = request.getfixturevalue(which)
     row_bytes = FEAT_DIM * graph.feat_dtype.itemsize
     rng = np.random.default_rng(3)

@@ -230,7 +230,8 @@ def test_graph_degrees_are_the_whole_graph_degrees_of_the_block_nodes(store) -> 
 
 
 @pytest.mark.parametrize("which", ["store", "half_store"])
-def test_features_are_the_store_rows_of_the_input_nodes_float32_on_the_device(request, which) -> None:
+def test_features_are_the_store_rows_of_the_input_nodes_float32_on_the_device(request,
+                                                                              which) -> None:
     graph = request.getfixturevalue(which)
     seeds = np.array([140, 3, 77, 12, 101, 56])
     view = NeighborBatchSampler(graph, [5, 5], graph_degrees=False).sample(
