@@ -120,7 +120,8 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def load_train_config(args: argparse.Namespace):
-    """Defaults <- saved run config (when resuming) <- --config YAML <- flags."""
+    """Defaults <- saved run config (when resuming) <- --config YAML <- flags, every setting
+    and the checks across sections validated before ``train`` writes anything."""
     from pathlib import Path
 
     from bgrl_dgl.runs import CONFIG_FILE
@@ -128,12 +129,12 @@ def load_train_config(args: argparse.Namespace):
 
     data: dict = {}
     saved = Path(args.out) / CONFIG_FILE
-    if args.resume and saved.exists():
+    if args.resume and saved.is_file():
         data = cfg.load_yaml(saved)
+        TrainConfig.from_plain(data, str(saved))  # errors name the file they are in
     if args.config:
-        for section, values in cfg.load_yaml(args.config).items():
-            data[section] = {**data.get(section, {}), **(values or {})}
-    return cfg.from_sections(TrainConfig, data, args, source=args.config or "config")
+        data = cfg.merge_sections(data, cfg.load_yaml(args.config), args.config)
+    return cfg.from_sections(TrainConfig, data, args, source=args.config or "command line")
 
 
 def run_train(args: argparse.Namespace) -> int:
