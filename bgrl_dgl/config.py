@@ -273,7 +273,8 @@ def _section_values(values: Any, name: str, source: str) -> dict[str, Any]:
     if values is None:
         return {}
     if not isinstance(values, dict):
-        raise InputError(source, f"section {name} must be a mapping of settings, got {_kind(values)}")
+        raise InputError(source, f"section {name} must be a mapping of settings, "
+                                 f"got {_kind(values)}")
     return values
 
 

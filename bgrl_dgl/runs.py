@@ -103,9 +103,11 @@ class RunLock:
             return
         try:
             # O_NOFOLLOW: a link planted as .lock must not make the pid overwrite its target.
-            fd = os.open(self.run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            fd = os.open(self.run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW,
+                         0o644)
         except OSError as err:
-            raise InputError(self.run_dir, f"cannot write into it ({err.strerror or err})") from None
+            raise InputError(self.run_dir,
+                             f"cannot write into it ({err.strerror or err})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -81,7 +81,8 @@ class PartLayout:
             raise InputError(None, f"--rows-per-part must be positive, got {rows_per_part}")
         group = max(1, ROW_GROUP_BYTES // row_bytes)
         per_part = rows_per_part or ROW_GROUPS_PER_PART * group
-        return cls(num_nodes if nodes is None else nodes.size, nodes, per_part, min(group, per_part))
+        num_rows = num_nodes if nodes is None else nodes.size
+        return cls(num_rows, nodes, per_part, min(group, per_part))
 
     @property
     def num_parts(self) -> int:
@@ -95,7 +96,9 @@ class PartLayout:
     def node_ids(self, part: int) -> np.ndarray:
         """Store indices [rows] int64 of the rows of ``part``, ascending."""
         start, end = self.rows(part)
-        return np.arange(start, end, dtype=np.int64) if self.nodes is None else self.nodes[start:end]
+        if self.nodes is None:
+            return np.arange(start, end, dtype=np.int64)
+        return self.nodes[start:end]
 
     def rank_parts(self, rank: int, world_size: int) -> list[int]:
         """Rank ``rank``'s block of consecutive parts."""
@@ -151,8 +154,8 @@ def write_part(path: Path, store: GraphStore, nodes: np.ndarray, rows: np.ndarra
                               write_statistics=["node_id"]) as writer:
             for start in range(0, nodes.size, row_group_rows):
                 end = min(start + row_group_rows, nodes.size)
-                writer.write_table(row_group_table(store, nodes[start:end], rows[start:end], schema),
-                                   row_group_size=end - start)
+                table = row_group_table(store, nodes[start:end], rows[start:end], schema)
+                writer.write_table(table, row_group_size=end - start)
 
 
 # ---- reading and probing -------------------------------------------------------------------
