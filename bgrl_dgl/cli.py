@@ -120,7 +120,8 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def load_train_config(args: argparse.Namespace):
-    """Defaults <- saved run config (when resuming) <- --config YAML <- flags."""
+    """Defaults <- saved run config (when resuming) <- --config YAML <- flags, every setting
+    and the checks across sections validated before ``train`` writes anything."""
     from pathlib import Path
 
     from bgrl_dgl.runs import CONFIG_FILE
@@ -128,12 +129,12 @@ def load_train_config(args: argparse.Namespace):
 
     data: dict = {}
     saved = Path(args.out) / CONFIG_FILE
-    if args.resume and saved.exists():
+    if args.resume and saved.is_file():
         data = cfg.load_yaml(saved)
+        TrainConfig.from_plain(data, str(saved))  # errors name the file they are in
     if args.config:
-        for section, values in cfg.load_yaml(args.config).items():
-            data[section] = {**data.get(section, {}), **(values or {})}
-    return cfg.from_sections(TrainConfig, data, args, source=args.config or "config")
+        data = cfg.merge_sections(data, cfg.load_yaml(args.config), args.config)
+    return cfg.from_sections(TrainConfig, data, args, source=args.config or "command line")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -143,7 +144,8 @@ def run_train(args: argparse.Namespace) -> int:
     world = world_from_env()
     metrics = train(args.data, args.out, load_train_config(args), resume=args.resume, world=world)
     if metrics and world.is_main:
-        print(f"trained to step {int(metrics['step'])}: loss {metrics['loss']:.4f}; run in {args.out}")
+        print(f"trained to step {int(metrics['step'])}: loss {metrics['loss']:.4f}; "
+              f"run in {args.out}")
     return 0
 
 
@@ -151,7 +153,8 @@ def parse_fanouts(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
 
 
 def add_embed_parser(commands: argparse._SubParsersAction) -> None:
@@ -164,7 +167,8 @@ def add_embed_parser(commands: argparse._SubParsersAction) -> None:
     source = embed.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="run directory (its newest checkpoint)")
     source.add_argument("--checkpoint", help="checkpoint file (step-*.pt)")
-    embed.add_argument("--data", help="store directory (default: the run's; required with --checkpoint)")
+    embed.add_argument("--data",
+                       help="store directory (default: the run's; required with --checkpoint)")
     embed.add_argument("--out", required=True, help="export directory to write")
     embed.add_argument("--encoder", choices=["online", "target", "random"], default="online",
                        help="which encoder embeds; random = the untrained initial weights "
@@ -177,7 +181,8 @@ def add_embed_parser(commands: argparse._SubParsersAction) -> None:
                        help="sampled inference with these per-layer fanouts, input layer first "
                             "(-1 = all, written --fanouts=-1,-1); default: exact layer-wise "
                             "inference")
-    embed.add_argument("--seed", type=int, default=0, help="sampling seed with --fanouts (default: 0)")
+    embed.add_argument("--seed", type=int, default=0,
+                       help="sampling seed with --fanouts (default: 0)")
     embed.add_argument("--batch-size", type=int, default=4096,
                        help="destination nodes per inference batch (default: 4096)")
     embed.add_argument("--rows-per-part", type=int,
@@ -225,7 +230,8 @@ def add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
                                "10/10/80 ones (default: public)")
     evaluate.add_argument("--num-splits", type=int, default=20,
                           help="random splits to average (default: 20)")
-    evaluate.add_argument("--seed", type=int, default=0, help="seed of the random splits (default: 0)")
+    evaluate.add_argument("--seed", type=int, default=0,
+                          help="seed of the random splits (default: 0)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(handler=run_evaluate)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -144,6 +145,12 @@ def _coerce(value: Any, tp: Any, where: str, parse: Any = None) -> Any:
         return value if isinstance(value, bool) else parse_bool(value)
     if inner is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if inner is float and isinstance(value, str):
+        # YAML 1.1 reads 1e-3 (no dot) as text: accept any number written as text.
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{where} must be a number, got {value!r}") from None
     if inner is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if inner is str and isinstance(value, (str, int, float)):
@@ -151,11 +158,21 @@ def _coerce(value: Any, tp: Any, where: str, parse: Any = None) -> Any:
     raise ValueError(f"{where} must be of type {getattr(inner, '__name__', inner)}")
 
 
+def check_finite(section: Any) -> None:
+    """ValueError naming the first float setting of ``section`` (or float in a list setting)
+    that is NaN or infinite: such a value would only fail later, or train to NaN."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ValueError(f"{f.name} must be a finite number, got {item}")
+
+
 def section_from_dict(cls: type[T], data: dict[str, Any], source: str, prefix: str = "") -> T:
     """Build section ``cls`` from a mapping; unknown keys and bad types are InputErrors."""
     types_ = _field_types(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known, key=str)
     if unknown:
         raise InputError(source, f"unknown setting {prefix}{unknown[0]}")
     parsers = {f.name: f.metadata.get("parse") for f in dataclasses.fields(cls)}
@@ -184,6 +201,8 @@ def add_section_arguments(parser: argparse.ArgumentParser, config_cls: type) -> 
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping in the YAML file ``path`` (empty for an empty file); InputError when the
+    file is missing, not a regular file, unreadable, not UTF-8, not YAML or not a mapping."""
     from bgrl_dgl.store.format import regular_file
 
     regular_file(path, "YAML file")  # a FIFO would block the read
@@ -192,6 +211,10 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
             data = yaml.safe_load(handle)
     except FileNotFoundError:
         raise InputError(path, "file not found") from None
+    except UnicodeDecodeError as err:
+        raise InputError(path, f"not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise InputError(path, f"cannot read it ({err.strerror or err})") from None
     except yaml.YAMLError as err:
         raise InputError(path, f"not valid YAML ({str(err).splitlines()[0]})") from None
     if data is None:
@@ -212,16 +235,16 @@ def from_sections(
     ``overrides`` maps field names to values (``None`` = not given), as parsed by the flags
     from :func:`add_section_arguments`.
     """
+    if data is not None and not isinstance(data, dict):
+        raise InputError(source, f"expected a mapping of sections, got {_kind(data)}")
     data = dict(data or {})
     flat = vars(overrides) if isinstance(overrides, argparse.Namespace) else dict(overrides or {})
-    unknown = sorted(set(data) - set(sections(config_cls)))
+    unknown = sorted(set(data) - set(sections(config_cls)), key=str)
     if unknown:
         raise InputError(source, f"unknown section {unknown[0]}")
     built = {}
     for name, section_cls in sections(config_cls).items():
-        values = data.get(name) or {}
-        if not isinstance(values, dict):
-            raise InputError(source, f"section {name} must be a mapping")
+        values = _section_values(data.get(name), name, source)
         section = section_from_dict(section_cls, values, source, prefix=f"{name}.")
         given = {
             f.name: flat[f.name]
@@ -234,7 +257,37 @@ def from_sections(
             except (ValueError, TypeError) as err:
                 raise InputError("command line", str(err)) from None
         built[name] = section
-    return config_cls(**built)
+    try:  # checks across sections
+        return config_cls(**built)
+    except (ValueError, TypeError) as err:
+        raise InputError(source, str(err)) from None
+
+
+def _kind(value: Any) -> str:
+    """'a list', 'a str', ...: what a value is, for messages."""
+    return f"a {type(value).__name__}"
+
+
+def _section_values(values: Any, name: str, source: str) -> dict[str, Any]:
+    """The settings of section ``name`` as given (None: none given); InputError unless a mapping."""
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise InputError(source, f"section {name} must be a mapping of settings, "
+                                 f"got {_kind(values)}")
+    return values
+
+
+def merge_sections(base: dict[str, Any], update: Any, source: str) -> dict[str, Any]:
+    """``base`` with each section of the mapping ``update`` merged over it, setting by setting
+    (e.g. a --config file over a resumed run's settings); InputError unless ``update`` is a
+    mapping of mappings."""
+    if not isinstance(update, dict):
+        raise InputError(source, f"expected a mapping of sections, got {_kind(update)}")
+    merged = dict(base)
+    for name, values in update.items():
+        merged[name] = {**(merged.get(name) or {}), **_section_values(values, str(name), source)}
+    return merged
 
 
 def save_yaml(data: dict[str, Any], path: str | os.PathLike) -> None:
@@ -255,6 +308,6 @@ def parse_size(text: str) -> int:
         value = float(number)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
-    if unit not in _SIZE_UNITS or value < 0:
+    if unit not in _SIZE_UNITS or not 0 <= value < math.inf:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}")
     return int(value * _SIZE_UNITS[unit])

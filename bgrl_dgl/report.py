@@ -15,9 +15,31 @@ from typing import Any
 
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.io import atomic_path
-from bgrl_dgl.runs import EVALUATIONS_FILE, METRICS_FILE, check_run_dir, read_jsonl
+from bgrl_dgl.runs import EVALUATIONS_FILE, METRICS_FILE, check_run_dir, read_numbered_jsonl
 
 INSTALL_PLOT = "pip install 'bgrl-dgl[plot]'"
+
+
+# The keys the summary and the plot read, and whether each must be a number.
+METRIC_KEYS = {key: True for key in
+               ("step", "loss", "lr", "tau", "seeds_per_s", "compute_s", "wait_s")}
+EVALUATION_KEYS = {"step": True, "test_acc_mean": True, "test_acc_std": True,
+                   "encoder": False, "splits": False}
+
+
+def read_records(path: Path, keys: dict[str, bool]) -> list[dict[str, Any]]:
+    """The JSON lines of ``path``; InputError naming the first line that lacks one of
+    ``keys`` or holds something other than a number where a number is expected."""
+    records = read_numbered_jsonl(path)
+    for number, record in records:
+        missing = [key for key in keys if key not in record]
+        if missing:
+            raise InputError(path, f"line {number} lacks {', '.join(missing)}")
+        for key, numeric in keys.items():
+            value = record[key]
+            if numeric and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise InputError(path, f"line {number}: {key} is not a number ({value!r})")
+    return [record for _, record in records]
 
 
 @dataclass(frozen=True)
@@ -31,16 +53,12 @@ class RunHistory:
     @classmethod
     def load(cls, run_dir: str | os.PathLike) -> "RunHistory":
         run_dir = check_run_dir(run_dir)
-        metrics = read_jsonl(run_dir / METRICS_FILE)
-        required = ("step", "loss", "lr", "tau", "seeds_per_s", "compute_s", "wait_s")
-        for number, record in enumerate(metrics, start=1):
-            missing = [key for key in required if key not in record]
-            if missing:
-                raise InputError(run_dir / METRICS_FILE, f"line {number} lacks {', '.join(missing)}")
+        metrics = read_records(run_dir / METRICS_FILE, METRIC_KEYS)
         if not metrics:
             raise InputError(run_dir / METRICS_FILE, "holds no logged steps yet")
         evaluations_path = run_dir / EVALUATIONS_FILE
-        evaluations = read_jsonl(evaluations_path) if evaluations_path.exists() else []
+        evaluations = (read_records(evaluations_path, EVALUATION_KEYS)
+                       if evaluations_path.exists() else [])
         return cls(run_dir, sorted(metrics, key=lambda m: m["step"]), evaluations)
 
     def series(self, key: str) -> tuple[list[int], list[float]]:

@@ -41,8 +41,7 @@ class ProbeTask:
             raise InputError(store.path, "has no labels to evaluate with")
         if splits not in ("public", "random"):
             raise InputError(None, f"--splits must be public or random, got {splits!r}")
-        if splits == "random" and num_splits < 1:
-            raise InputError(None, f"--num-splits must be positive, got {num_splits}")
+        check_num_splits(num_splits)
         labels = np.asarray(store.labels)
         labelled = labels >= 0 if labels.ndim == 1 else (labels >= 0).all(axis=1)
         if splits == "random":
@@ -63,6 +62,32 @@ class ProbeTask:
         if self.local_splits is None:
             return random_split_probe(embeddings, self.labels, num_splits, seed=seed)
         return summarize([linear_probe(embeddings, self.labels, self.local_splits)])
+
+
+def check_num_splits(num_splits: int) -> None:
+    """InputError unless at least one split is asked for."""
+    if num_splits < 1:
+        raise InputError(None, f"--num-splits must be positive, got {num_splits}")
+
+
+def check_export_store(out: str | os.PathLike, manifest: dict[str, Any],
+                       store: GraphStore) -> None:
+    """InputError unless ``store`` is the store the export was made from (or a copy of it):
+    the node ids of another store name other nodes, and would be scored without an error.
+    The identity is what the manifest records of it: node and edge counts and the time
+    it was created."""
+    recorded = manifest["data"]
+    theirs = (recorded["num_nodes"], recorded["num_edges"], recorded.get("created"))
+    ours = (store.num_nodes, store.num_edges, store.meta.get("created"))
+    if theirs != ours:
+        raise InputError(store.path, f"is not the store the export {out} was made from "
+                                     f"(that one: {_describe_store(recorded['path'], *theirs)}; "
+                                     f"this one: {_describe_store(None, *ours)})")
+
+
+def _describe_store(path: str | None, num_nodes: int, num_edges: int, created: Any) -> str:
+    where = "" if path is None else f"{path}: "
+    return f"{where}{num_nodes:,} nodes, {num_edges:,} edges, created {created or 'unknown'}"
 
 
 def probe_store(store: GraphStore, rows_of: Callable[[np.ndarray], np.ndarray],
@@ -91,8 +116,10 @@ def evaluate_export(out: str | os.PathLike, data: str | os.PathLike | None = Non
     Returns:
         A JSON-ready summary (see :func:`evaluation_record`).
     """
+    check_num_splits(num_splits)
     manifest = open_export(out)
     store = GraphStore.open(data if data is not None else manifest["data"]["path"])
+    check_export_store(out, manifest, store)
     summary, num_labelled = probe_store(
         store, lambda nodes: read_embeddings(out, manifest, store, nodes), splits, num_splits,
         seed)
@@ -110,6 +137,7 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike | None = None, 
     Returns:
         A JSON-ready summary (see :func:`evaluation_record`).
     """
+    check_num_splits(num_splits)
     _, info = load_run_config(run)
     store = GraphStore.open(data if data is not None else info.data)
     source = load_encoder(run, which=encoder)

@@ -81,7 +81,8 @@ class PartLayout:
             raise InputError(None, f"--rows-per-part must be positive, got {rows_per_part}")
         group = max(1, ROW_GROUP_BYTES // row_bytes)
         per_part = rows_per_part or ROW_GROUPS_PER_PART * group
-        return cls(num_nodes if nodes is None else nodes.size, nodes, per_part, min(group, per_part))
+        num_rows = num_nodes if nodes is None else nodes.size
+        return cls(num_rows, nodes, per_part, min(group, per_part))
 
     @property
     def num_parts(self) -> int:
@@ -95,7 +96,9 @@ class PartLayout:
     def node_ids(self, part: int) -> np.ndarray:
         """Store indices [rows] int64 of the rows of ``part``, ascending."""
         start, end = self.rows(part)
-        return np.arange(start, end, dtype=np.int64) if self.nodes is None else self.nodes[start:end]
+        if self.nodes is None:
+            return np.arange(start, end, dtype=np.int64)
+        return self.nodes[start:end]
 
     def rank_parts(self, rank: int, world_size: int) -> list[int]:
         """Rank ``rank``'s block of consecutive parts."""
@@ -151,8 +154,8 @@ def write_part(path: Path, store: GraphStore, nodes: np.ndarray, rows: np.ndarra
                               write_statistics=["node_id"]) as writer:
             for start in range(0, nodes.size, row_group_rows):
                 end = min(start + row_group_rows, nodes.size)
-                writer.write_table(row_group_table(store, nodes[start:end], rows[start:end], schema),
-                                   row_group_size=end - start)
+                table = row_group_table(store, nodes[start:end], rows[start:end], schema)
+                writer.write_table(table, row_group_size=end - start)
 
 
 # ---- reading and probing -------------------------------------------------------------------
@@ -167,7 +170,49 @@ def open_export(out: str | os.PathLike) -> dict[str, Any]:
     manifest = read_json(out / MANIFEST_FILE)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise InputError(out / MANIFEST_FILE, f"not a {FORMAT} manifest")
+    check_manifest(manifest, out / MANIFEST_FILE)
     return manifest
+
+
+def _is_count(value: Any, least: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def check_manifest(manifest: dict[str, Any], path: Path) -> None:
+    """InputError unless ``manifest`` holds, with the right types, everything that reading
+    and probing the export use (a missing or mistyped key must not surface as a traceback)."""
+    checks = {
+        "dim": lambda v: _is_count(v, 1),
+        "dtype": lambda v: v in DTYPES,
+        "encoder": lambda v: isinstance(v, str),
+        "step": _is_count,
+        "node_id": lambda v: v in ("orig_ids", "store_index"),
+        "data": lambda v: isinstance(v, dict) and isinstance(v.get("path"), str)
+        and _is_count(v.get("num_nodes")) and _is_count(v.get("num_edges")),
+        "parts": lambda v: isinstance(v, list) and all(
+            isinstance(part, dict) and isinstance(part.get("file"), str)
+            and PART_NAME.fullmatch(part["file"]) for part in v),
+    }
+    missing = [key for key in checks if key not in manifest]
+    if missing:
+        raise InputError(path, f"lacks {', '.join(missing)}")
+    bad = [key for key, ok in checks.items() if not ok(manifest[key])]
+    if bad:
+        raise InputError(path, f"holds a malformed {', '.join(bad)}")
+
+
+def check_part_schema(path: Path, schema: pa.Schema, manifest: dict[str, Any]) -> None:
+    """InputError unless the part at ``path`` has the node_id and embedding columns the
+    manifest describes (int64; fixed_size_list<dtype>[dim])."""
+    expected = {"node_id": pa.int64(),
+                "embedding": pa.list_(DTYPES[manifest["dtype"]][1], manifest["dim"])}
+    for name, kind in expected.items():
+        index = schema.get_field_index(name)
+        if index < 0:
+            raise InputError(path, f"has no {name} column")
+        found = schema.field(index).type
+        if found != kind:
+            raise InputError(path, f"column {name} is {found}, but the manifest says {kind}")
 
 
 def iter_row_groups(out: Path, manifest: dict[str, Any], lowest: int,
@@ -177,6 +222,7 @@ def iter_row_groups(out: Path, manifest: dict[str, Any], lowest: int,
         path = out / part["file"]
         try:
             with pq.ParquetFile(path) as file:
+                check_part_schema(path, file.schema_arrow, manifest)
                 for index in range(file.num_row_groups):
                     stats = file.metadata.row_group(index).column(0).statistics
                     if stats is not None and stats.has_min_max and (
@@ -205,6 +251,8 @@ def read_embeddings(out: str | os.PathLike, manifest: dict[str, Any], store: Gra
     if nodes.size == 0:
         return result
     for table in iter_row_groups(out, manifest, int(sorted_keys[0]), int(sorted_keys[-1])):
+        if table.column("node_id").null_count or table.column("embedding").null_count:
+            raise InputError(out, "holds rows without a node_id or an embedding")
         ids = table.column("node_id").to_numpy()
         slot = np.minimum(np.searchsorted(sorted_keys, ids), nodes.size - 1)
         hit = sorted_keys[slot] == ids

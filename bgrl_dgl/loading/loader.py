@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from bgrl_dgl.config import field, parse_size
+from bgrl_dgl.config import check_finite, field, parse_size
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.io import process_alive, process_start_time, same_process_alive
 from bgrl_dgl.loading.feature_cache import CachePolicy, FeatureCache, check_found_cache
@@ -50,6 +50,7 @@ class SamplingConfig:
                                                 "in-degree) or 'sampled' (most often sampled)")
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if self.cache_bytes < 0:
             raise ValueError("cache_bytes must be >= 0")
         if not self.fanouts or any(f == 0 or f < -1 for f in self.fanouts):

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from bgrl_dgl.config import field
+from bgrl_dgl.config import check_finite, field
 
 if TYPE_CHECKING:
     from bgrl_dgl.model.adjacency import Adjacency
@@ -39,6 +39,7 @@ class AugmentConfig:
         False, "sample a separate neighbourhood for each view instead of sharing one")
 
     def __post_init__(self) -> None:
+        check_finite(self)
         for name in ("edge_drop", "feature_mask"):
             rates = getattr(self, name)
             if len(rates) != 2:

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from bgrl_dgl.config import field
+from bgrl_dgl.config import check_finite, field
 from bgrl_dgl.model.adjacency import Adjacency
 from bgrl_dgl.model.conv import GATConv, GCNConv, SAGEConv
 
@@ -33,6 +33,7 @@ class ModelConfig:
     predictor_hidden: int = field(512, "hidden size of the predictor MLP")
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if self.conv not in ("gcn", "sage", "gat"):
             raise ValueError(f"conv must be one of gcn, sage, gat, not {self.conv!r}")
         if self.norm not in ("batch", "layer", "none"):

@@ -18,11 +18,7 @@ import torch
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.io import atomic_path, fsync_path, remove_stale_temp_files, write_atomic
 from bgrl_dgl.model.bgrl import BGRL
-from bgrl_dgl.training.distributed import (
-    World,
-    broadcast_object,
-    gather_objects,
-)
+from bgrl_dgl.training.distributed import gather_objects
 
 CHECKPOINT_DIR = "checkpoints"
 _CHECKPOINT_NAME = re.compile(r"step-(\d{8,})\.pt")
@@ -139,42 +135,44 @@ def load_model_weights(model: BGRL, weights: dict[str, torch.Tensor], checkpoint
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop metric lines after ``last_step`` (written after the checkpoint a run resumes from)."""
+    """Drop metric lines after ``last_step`` (written after the checkpoint a run resumes from),
+    and a last line cut short by a crash; InputError for any other line that is not a record
+    with an integer step."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] <= last_step]
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(path, f"unreadable ({err})") from None
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        step = _logged_step(line)
+        if step is None and number < len(lines):
+            raise InputError(path, f"line {number} is not a metrics record with an integer step")
+        if step is not None and step <= last_step:
+            kept.append(line)
     write_atomic(path, "".join(line + "\n" for line in kept))
 
 
-def prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
-    """Create ``run_dir``; return the checkpoint to resume from, if any."""
-    checkpoint = latest_checkpoint(run_dir) if run_dir.exists() else None
-    if checkpoint is not None and not resume:
-        raise InputError(run_dir, "already holds a run; pass --resume to continue it")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return checkpoint
-
-
-def resume_state(run_dir: Path, resume: bool, world: World) -> tuple[Path, dict[str, Any]] | None:
-    """Rank 0 creates ``run_dir`` and reads the checkpoint to resume from; every rank gets
-    its path and state (so only rank 0 needs to see the run directory), or the same error."""
-    outcome: tuple[str, Any] | None = None
-    if world.is_main:
-        try:
-            checkpoint = prepare_run_dir(run_dir, resume)
-            if checkpoint is not None:
-                outcome = ("ok", (checkpoint, load_checkpoint(checkpoint)))
-        except InputError as err:
-            outcome = ("error", (err.path, err.problem))
-    outcome = broadcast_object(outcome)
-    if outcome is None:
+def _logged_step(line: str) -> int | None:
+    """The step of a metrics line, or None when it is not a JSON object with an integer step."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
         return None
-    kind, value = outcome
-    if kind == "error":
-        raise InputError(*value)
-    return value
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
+
+# What --resume needs of a checkpoint (see Trainer.state).
+RESUME_KEYS = ("model", "optimizer", "scheduler", "step", "rng")
+
+
+def check_resumable(state: dict[str, Any], path: Path) -> None:
+    """InputError naming what ``state`` (the checkpoint at ``path``) lacks to resume from."""
+    missing = [key for key in RESUME_KEYS if key not in state]
+    if missing:
+        raise InputError(path, f"cannot resume from this checkpoint: it lacks {', '.join(missing)}")
 
 
 class Checkpointer:
@@ -189,6 +187,10 @@ class Checkpointer:
         self.every = every
         self.is_main = is_main
 
+    def due(self, step: int, *, last_step: bool) -> bool:
+        """Whether a checkpoint is written at ``step``."""
+        return last_step or step % self.every == 0
+
     def save(self, step: int, state: Callable[[list[dict[str, Any]]], dict[str, Any]], *,
              last_step: bool) -> Path | None:
         """Save ``state(every rank's capture_rng())`` if a save is due at ``step``.
@@ -196,7 +198,7 @@ class Checkpointer:
         Returns:
             The checkpoint written (rank 0), else None.
         """
-        if not (last_step or step % self.every == 0):
+        if not self.due(step, last_step=last_step):
             return None
         rank_rng = gather_objects(capture_rng())
         if not self.is_main:

@@ -18,6 +18,12 @@ from bgrl_dgl.model.encoder import ModelConfig
 DEFAULT_STEPS = 800
 WARMUP_FRACTION = 16  # the default warm-up is 1/16 of the run's steps
 
+# Bounds of what the code can run with: seeds feed 64-bit generators; AdamW's first update
+# is about 10 x lr in float32; a thread count is one of torch's C ints.
+MAX_SEED = 2**63 - 1
+MAX_LR = 1e6
+MAX_THREADS = 4096
+
 
 @dataclass
 class OptimConfig:
@@ -59,11 +65,15 @@ class OptimConfig:
         return max(1, total_steps // WARMUP_FRACTION)
 
     def __post_init__(self) -> None:
+        cfg.check_finite(self)
         if self.steps <= 0 or any(value is not None and value <= 0
                                   for value in (self.epochs, self.max_steps)):
             raise ValueError("steps, epochs and max_steps must be positive")
         if self.lr <= 0 or self.weight_decay < 0 or (self.warmup_steps or 0) < 0:
             raise ValueError("lr must be positive; weight_decay and warmup_steps non-negative")
+        if self.lr > MAX_LR:
+            raise ValueError(f"lr must be at most {MAX_LR:g}, got {self.lr:g} (AdamW's float32 "
+                             "updates overflow)")
         if not 0.0 <= self.tau_base <= 1.0:
             raise ValueError("tau_base must lie in [0, 1]")
 
@@ -84,10 +94,13 @@ class RunConfig:
         0.1, "warn when the embedding std falls below this fraction of 1/sqrt(dim)")
 
     def __post_init__(self) -> None:
+        cfg.check_finite(self)
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must lie in [0, 2**63 - 1], got {self.seed}")
         if min(self.checkpoint_every, self.log_every, self.sync_check_every) <= 0:
             raise ValueError("checkpoint_every, log_every and sync_check_every must be positive")
-        if self.threads < 0:
-            raise ValueError("threads must be >= 0")
+        if not 0 <= self.threads <= MAX_THREADS:
+            raise ValueError(f"threads must lie in [0, {MAX_THREADS}], got {self.threads}")
 
 
 @dataclass
@@ -97,6 +110,14 @@ class TrainConfig:
     model: ModelConfig
     optim: OptimConfig
     run: RunConfig
+
+    def __post_init__(self) -> None:
+        layers = len(self.model.hidden)
+        if len(self.sampling.fanouts) != layers:
+            raise ValueError(
+                f"fanouts gives {len(self.sampling.fanouts)} layer(s) "
+                f"({','.join(map(str, self.sampling.fanouts))}) but the encoder has {layers} "
+                f"(hidden {','.join(map(str, self.model.hidden))}): give one fanout per layer")
 
     @classmethod
     def defaults(cls) -> "TrainConfig":

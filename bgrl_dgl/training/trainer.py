@@ -28,6 +28,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from bgrl_dgl import config as cfg
+from bgrl_dgl.errors import InputError, RunError
 from bgrl_dgl.loading.feature_cache import check_cache_budget
 from bgrl_dgl.loading.loader import (
     BatchLoader,
@@ -38,13 +39,12 @@ from bgrl_dgl.loading.loader import (
 from bgrl_dgl.loading.sampler import SampledBatch
 from bgrl_dgl.model.augment import augment_view
 from bgrl_dgl.model.bgrl import OnlineBranch, build_model, cosine_tau, embedding_std
-from bgrl_dgl.runs import METRICS_FILE, RunInfo, write_run_files
+from bgrl_dgl.runs import METRICS_FILE, RunInfo, RunLock, resume_state, write_run_files
 from bgrl_dgl.store.reader import GraphStore
 from bgrl_dgl.training.checkpoint import (
     Checkpointer,
     load_model_weights,
     restore_rng,
-    resume_state,
     truncate_metrics,
 )
 from bgrl_dgl.training.config import TrainConfig, lr_factor
@@ -165,8 +165,10 @@ class Trainer:
         start = time.perf_counter()
         view1, view2 = self.views(batch)
         loss, online_h = self.model.loss(view1, view2, self.online_branch)
+        finite = torch.isfinite(loss.detach())  # read after backward is queued: no GPU stall
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.check_loss(loss, finite)
         self.optimizer.step()
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
@@ -184,6 +186,28 @@ class Trainer:
         }
         self.step += 1
         return metrics
+
+    def check_loss(self, loss: torch.Tensor, finite: torch.Tensor) -> None:
+        """RunError when the loss of this step is NaN or infinite on any rank: training
+        diverged. Every rank raises before its optimizer step, so the weights, and the newest
+        checkpoint, stay the last good ones, and no rank is left waiting for another."""
+        bad = not bool(finite)
+        if self.world.is_distributed:
+            bad = sum_across_ranks([bad], self.device)[0] > 0
+        if bad:
+            where = "" if self.world.world_size == 1 else f" (rank {self.world.rank})"
+            raise RunError(f"step {self.step + 1}: the loss is {float(loss.detach())}{where}: "
+                           "training diverged (a lower --lr may help); stopped before the step "
+                           "changed the weights, so the newest checkpoint is the last good one")
+
+    def check_weights(self) -> None:
+        """RunError when a weight or batch-norm statistic is NaN or infinite: such weights are
+        never written as a checkpoint (it would replace a good one)."""
+        for name, tensor in self.model.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise RunError(f"step {self.step}: {name} holds NaN or infinite values: "
+                               "training diverged (a lower --lr may help); the newest "
+                               "checkpoint is the last good one")
 
     def share_step_results(self, metrics: dict[str, float], batch: SampledBatch, wait_s: float,
                            stop_requested: bool) -> bool:
@@ -223,6 +247,8 @@ class Trainer:
                 if divergence is not None:
                     metrics["target_divergence"] = divergence
                 self.metrics_log.write(metrics, last_step=last_step)
+                if self.checkpointer.due(self.step, last_step=last_step):
+                    self.check_weights()
                 self.checkpointer.save(self.step, self.state, last_step=last_step)
                 if stopping:
                     self._announce_stop()
@@ -251,18 +277,28 @@ class Trainer:
         }
 
     def load_state(self, state: dict[str, Any], checkpoint: Path) -> None:
-        saved_world = int(state.get("world_size", 1))
+        """Continue from a checkpoint's weights, optimizer, schedule, step and RNG states
+        (InputError when they do not fit this run)."""
+        saved_world = state.get("world_size", 1)
+        if not isinstance(saved_world, int) or saved_world < 1:
+            raise InputError(checkpoint, f"cannot resume from this checkpoint: world_size is "
+                                         f"{saved_world!r}")
         if saved_world != self.world.world_size:
             warnings.warn(f"{checkpoint} was written by {saved_world} processes, resumed on "
                           f"{self.world.world_size}: the remaining batches and learning-rate "
                           "schedule differ from those of the original run", stacklevel=2)
         load_model_weights(self.model, state["model"], checkpoint)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = int(state["step"])
-        rank_rng = state.get("rank_rng", [state["rng"]])
-        same_world = saved_world == self.world.world_size
-        restore_rng(rank_rng[self.world.rank] if same_world else state["rng"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step = int(state["step"])
+            rank_rng = state.get("rank_rng", [state["rng"]])
+            same_world = saved_world == self.world.world_size
+            restore_rng(rank_rng[self.world.rank] if same_world else state["rng"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+            raise InputError(checkpoint, "cannot resume from this checkpoint: its optimizer, "
+                                         f"scheduler, step or RNG state is unusable "
+                                         f"({err})") from None
 
 
 def build_trainer(config: TrainConfig, store: GraphStore, run_dir: Path, device: torch.device,
@@ -294,18 +330,20 @@ def train(data: str | Path, run_dir: str | Path, config: TrainConfig, *, resume:
     run_dir = Path(run_dir)
     store = GraphStore.open(data)
     device = process_device(config.run.device, world)
-    with process_group(world, device):
+    # Rank 0 holds the run's lock from before its first write until train() returns.
+    with process_group(world, device), RunLock(run_dir) as lock:
         # Built before the run directory is created, so that bad settings leave nothing behind.
         trainer, schedule = build_trainer(config, store, run_dir, device, world)
         check_cache_budget(store, config.sampling.cache_bytes)
         check_training_cache(store, config.sampling, schedule.seed_nodes, config.run.seed)
-        resumed = resume_state(run_dir, resume or world.restart_count > 0, world)
+        resumed = resume_state(run_dir, resume or world.restart_count > 0, world, lock)
         if resumed is not None:
             trainer.load_state(resumed[1], resumed[0])
         if trainer.is_main:
+            # The metrics first: they are checked before anything is written.
+            truncate_metrics(run_dir / METRICS_FILE, trainer.step)
             write_run_files(run_dir, config, RunInfo(Path(data).resolve(), store.feat_dim,
                                                      store.num_nodes, world.world_size))
-            truncate_metrics(run_dir / METRICS_FILE, trainer.step)
         if trainer.step >= trainer.total_steps:
             return {}
         # Built before the loader starts its workers, which attach to it by its path.
