@@ -18,6 +18,7 @@ import numpy as np
 
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.io import remove_stale_temp_files, temp_path, write_atomic
+from bgrl_dgl.progress import progress_bar
 from bgrl_dgl.store.capacity import (
     ROW_CHUNK_SHARE,
     StorePlan,
@@ -246,6 +247,7 @@ class StoreWriter:
             raise RuntimeError("the features were already written")
         self._set_num_nodes(num_rows, "feature rows", source_path)
         writer: NpyWriter | None = None
+        bar = progress_bar(total=num_rows, desc="write features", unit="rows", scale=True)
         for chunk in chunks:
             block = np.asarray(chunk)
             if block.ndim != 2:
@@ -259,6 +261,8 @@ class StoreWriter:
             if writer.rows + len(block) > num_rows:
                 raise InputError(source_path, f"more than {num_rows} feature rows")
             writer.append(converted_features(block, writer.dtype, writer.rows, source_path))
+            bar.update(len(block))
+        bar.close()
         if writer is None:
             raise InputError(source_path, "no feature rows were given")
         if writer.rows != num_rows:
