@@ -50,5 +50,6 @@ for encoder in random online; do
   step "" evaluate --embeddings "$RUN/embeddings-$encoder" --run "$RUN"
 done
 printf '[5/5] report\n    bgrl-dgl report %s\n\n' "$RUN"
-"$PYTHON" -m bgrl_dgl report "$RUN" 2>> "$LOG" || { echo "demo: report failed; see $LOG" >&2; exit 1; }
+"$PYTHON" -m bgrl_dgl report "$RUN" 2>> "$LOG" \
+  || { echo "demo: report failed; see $LOG" >&2; exit 1; }
 echo "demo: $((SECONDS - started)) s in all; every command's output: $LOG"
