@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -17,17 +18,21 @@ from typing import Any
 from tqdm import tqdm
 
 _requested: bool | None = None  # None: on a terminal only
+_drawn: weakref.WeakSet[tqdm] = weakref.WeakSet()  # bars drawing now
 
 
 @contextmanager
 def progress_mode(enabled: bool | None) -> Iterator[None]:
-    """Within the block, bars show if ``enabled`` (None: if stderr is a terminal)."""
+    """Within the block, bars show if ``enabled`` (None: if stderr is a terminal). Bars left
+    open by an error are closed at its end, so that an error line starts a line of its own."""
     global _requested
     previous, _requested = _requested, enabled
     try:
         yield
     finally:
         _requested = previous
+        for bar in list(_drawn):
+            bar.close()
 
 
 def bars_enabled() -> bool:
@@ -48,6 +53,8 @@ def progress_bar(iterable: Iterable[Any] | None = None, *, total: float | None =
                  desc: str, unit: str = "it", scale: bool = False, **kwargs: Any) -> tqdm:
     """A tqdm bar on stderr, disabled unless :func:`bars_enabled`; ``scale``: show counts
     as 12.3M and rates as 4.5M edges/s."""
-    return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=scale,
-                file=sys.stderr, disable=not bars_enabled(), dynamic_ncols=True,
-                mininterval=0.5, **kwargs)
+    bar = tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=scale, file=sys.stderr,
+               disable=not bars_enabled(), dynamic_ncols=True, mininterval=0.5, **kwargs)
+    if not bar.disable:
+        _drawn.add(bar)
+    return bar

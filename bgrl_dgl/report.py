@@ -41,7 +41,8 @@ class RunHistory:
         for number, record in enumerate(metrics, start=1):
             missing = [key for key in required if key not in record]
             if missing:
-                raise InputError(run_dir / METRICS_FILE, f"line {number} lacks {', '.join(missing)}")
+                raise InputError(run_dir / METRICS_FILE,
+                                 f"line {number} lacks {', '.join(missing)}")
         if not metrics:
             raise InputError(run_dir / METRICS_FILE, "holds no logged steps yet")
         evaluations_path = run_dir / EVALUATIONS_FILE

@@ -12,6 +12,7 @@ import sys
 import termios
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_export import cli, run_dir, store_dir  # noqa: F401  (fixtures)
 
@@ -131,3 +132,17 @@ def test_progress_is_not_a_prepare_parameter(tmp_path):
     params = json.loads((tmp_path / "s" / "meta.json").read_text())["source"]["params"]
     assert "progress" not in params and params["num_nodes"] == 300
     assert Path(tmp_path / "s" / "indptr.npy").exists()
+
+
+def test_an_error_line_starts_a_line_of_its_own(cli, tmp_path):  # noqa: F811
+    """A bar interrupted by bad input is closed before the error line is written."""
+    store = tmp_path / "store"
+    assert cli(*PREPARE, "--out", store).returncode == 0
+    labels = store / "labels.npy"
+    corrupt = np.load(labels)
+    corrupt[-1] = 99  # out of range: found by the full check, after the bar has started
+    np.save(labels, corrupt)
+    result = cli("info", store, "--full", "--progress")
+    assert result.returncode == 2 and "check store" in result.stderr
+    last = result.stderr.rstrip("\n").split("\n")[-1]
+    assert last.startswith("error: ") and "labels.npy" in last and "label 99" in last
