@@ -15,22 +15,25 @@ mkdir -p "$RUN"
 : > "$LOG"
 started=$SECONDS
 
-# step TITLE COMMAND...: print the title (if any) and the command, run it with its output in
-# the log (stderr too unless SHOW_STDERR=1); on failure, show the end of the log.
+# step TITLE COMMAND...: print the title (if any), run the command with its output in the log
+# (stderr too unless SHOW_STDERR=1), then print the command and its wall time; on failure,
+# show the end of the log.
 step() {
-  local title=$1
+  local title=$1 begun=$SECONDS status=0
   shift
   [ -z "$title" ] || echo "$title"
-  echo "    bgrl-dgl $*"
   echo "\$ bgrl-dgl $*" >> "$LOG"
   if [ "${SHOW_STDERR:-0}" = 1 ]; then
-    "$PYTHON" -m bgrl_dgl "$@" >> "$LOG" && return
+    "$PYTHON" -m bgrl_dgl "$@" >> "$LOG" || status=$?
   else
-    "$PYTHON" -m bgrl_dgl "$@" >> "$LOG" 2>&1 && return
+    "$PYTHON" -m bgrl_dgl "$@" >> "$LOG" 2>&1 || status=$?
   fi
-  echo "demo: the command failed; the end of $LOG:" >&2
-  tail -n 5 "$LOG" >&2
-  exit 1
+  if [ "$status" != 0 ]; then
+    echo "demo: bgrl-dgl $1 failed; the end of $LOG:" >&2
+    tail -n 5 "$LOG" >&2
+    exit 1
+  fi
+  echo "    bgrl-dgl $*  ($((SECONDS - begun)) s)"
 }
 
 echo "BGRL demo on Cora: 2,708 papers, 5,429 citation links, 1,433-d bag-of-words, 7 classes"
