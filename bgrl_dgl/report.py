@@ -109,9 +109,15 @@ def latest_evaluations(evaluations: list[dict[str, Any]]) -> list[dict[str, Any]
         r["splits"], order.index(r["encoder"]) if r["encoder"] in order else len(order)))
 
 
+def shown(path: str) -> str:
+    """``path`` relative to the working directory when it lies inside it, else as given."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
 def format_summary(summary: dict[str, Any], evaluations: list[dict[str, Any]]) -> str:
     epochs = f" ({summary['epochs']} epochs)" if summary.get("epochs") else ""
-    store = f" on store {summary['data']}" if summary.get("data") else ""
+    store = f" on store {shown(summary['data'])}" if summary.get("data") else ""
     lines = [
         (f"run {summary['run']}{store}: {summary['steps']} steps{epochs}, "
          f"{summary['train_s']:.0f} s of training"),
@@ -133,7 +139,7 @@ def format_summary(summary: dict[str, Any], evaluations: list[dict[str, Any]]) -
     exports = [r["embeddings"] for r in evaluations
                if r.get("embeddings") and r["encoder"] not in BASELINES]
     if exports:
-        lines.append(f"embeddings (Parquet): {exports[-1]}")
+        lines.append(f"embeddings (Parquet): {shown(exports[-1])}")
     return "\n".join(lines)
 
 

@@ -33,10 +33,12 @@ step() {
     tail -n 5 "$LOG" >&2
     exit 1
   fi
-  echo "    bgrl-dgl $*  ($((SECONDS - begun)) s)"
+  local args="$*"
+  echo "    bgrl-dgl ${args//$RUN/\$RUN}  ($((SECONDS - begun)) s)"
 }
 
 echo "BGRL demo on Cora: 2,708 papers, 5,429 citation links, 1,433-d bag-of-words, 7 classes"
+echo "RUN=$RUN"
 if [ ! -f "$DATA/meta.json" ]; then
   step "[1/5] prepare the store" prepare planetoid --root data/cora --name cora --out "$DATA"
 else
@@ -52,7 +54,7 @@ step "[4/5] linear probe on the public split (140 train, 500 valid, 1,000 test)"
 for encoder in random online; do
   step "" evaluate --embeddings "$RUN/embeddings-$encoder" --run "$RUN"
 done
-printf '[5/5] report\n    bgrl-dgl report %s\n\n' "$RUN"
+printf '[5/5] report\n    bgrl-dgl report $RUN\n\n'
 "$PYTHON" -m bgrl_dgl report "$RUN" 2>> "$LOG" \
   || { echo "demo: report failed; see $LOG" >&2; exit 1; }
 echo "demo: $((SECONDS - started)) s in all; every command's output: $LOG"
