@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test
+.PHONY: demo demo-scale test
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,3 +17,6 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	PYTHON=$(BIN)/python bash scripts/demo.sh < /dev/null
+
+demo-scale: $(STAMP)
+	PYTHON=$(BIN)/python bash scripts/demo_scale.sh < /dev/null

@@ -12,6 +12,7 @@ from typing import Callable, Iterator, Sequence
 
 from bgrl_dgl import config as cfg
 from bgrl_dgl.errors import InputError, RunError
+from bgrl_dgl.progress import progress_mode
 
 GLOBAL_TOPOLOGY = {"symmetrize": False, "self_loops": "keep", "dedup": True}
 
@@ -38,6 +39,7 @@ def add_prepare_parser(commands: argparse._SubParsersAction, argv: Sequence[str]
         parser.add_argument("--dedup", action=argparse.BooleanOptionalAction,
                             help="drop duplicate edges")
         parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+        add_progress_argument(parser)
         source.add_arguments(parser)
         parser.set_defaults(**{**GLOBAL_TOPOLOGY, **source.topology}, handler=run_prepare,
                             build=source.build, source_name=source.name)
@@ -47,7 +49,8 @@ def run_prepare(args: argparse.Namespace) -> int:
     from bgrl_dgl.store.writer import StoreWriter
 
     params = {k: v for k, v in vars(args).items()
-              if k not in ("handler", "build", "debug", "command") and not callable(v)}
+              if k not in ("handler", "build", "debug", "command", "progress")
+              and not callable(v)}
     with terminate_as_interrupt(), StoreWriter(
             args.out, overwrite=args.overwrite, memory_budget=args.memory_budget,
             feature_dtype=args.feature_dtype,
@@ -86,6 +89,7 @@ def add_info_parser(commands: argparse._SubParsersAction) -> None:
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.add_argument("--full", action="store_true",
                       help="full validation (reads every index; slower on huge graphs)")
+    add_progress_argument(info)
     info.set_defaults(handler=run_info)
 
 
@@ -149,6 +153,12 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_progress_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bars on stderr (default: only when it is a terminal; "
+                             "never with --json)")
+
+
 def parse_fanouts(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",")]
@@ -192,6 +202,7 @@ def add_embed_parser(commands: argparse._SubParsersAction) -> None:
                        help="where the encoder runs (default: auto)")
     embed.add_argument("--overwrite", action="store_true",
                        help="replace a complete export, or an unfinished one of other inputs")
+    add_progress_argument(embed)
     embed.set_defaults(handler=run_embed)
 
 
@@ -212,13 +223,19 @@ def run_embed(args: argparse.Namespace) -> int:
 
 def add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser(
-        "evaluate", help="linear probe of exported embeddings or of a run's encoder",
+        "evaluate",
+        help="linear probe of exported embeddings, of a run's encoder or of raw features",
         description="Fit the BGRL linear probe on the store's labels, reading only the "
                     "labelled nodes' rows: of embeddings exported by `embed` (--embeddings), "
-                    "or of a run's encoder, embedded in memory by exact layer-wise inference "
-                    "(--run without --embeddings). With --run the result is also appended to "
-                    "RUN/evaluations.jsonl.")
-    evaluate.add_argument("--embeddings", help="export directory (from `embed`)")
+                    "of a run's encoder, embedded in memory by exact layer-wise inference "
+                    "(--run without --embeddings), or of the store's own node features "
+                    "(--raw-features, the baseline). With --run the result is also appended "
+                    "to RUN/evaluations.jsonl.")
+    source = evaluate.add_mutually_exclusive_group()
+    source.add_argument("--embeddings", help="export directory (from `embed`)")
+    source.add_argument("--raw-features", action="store_true",
+                        help="probe the store's own node features (the store of --data, or "
+                             "of --run)")
     evaluate.add_argument("--run", help="run directory: the encoder to probe (without "
                                         "--embeddings) and where the result is recorded")
     evaluate.add_argument("--encoder", choices=["online", "target", "random"], default="online",
@@ -233,19 +250,25 @@ def add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--seed", type=int, default=0,
                           help="seed of the random splits (default: 0)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    add_progress_argument(evaluate)
     evaluate.set_defaults(handler=run_evaluate)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from bgrl_dgl.embeddings.evaluate import evaluate_export, evaluate_run
+    from bgrl_dgl.embeddings.evaluate import evaluate_export, evaluate_raw_features, evaluate_run
     from bgrl_dgl.runs import append_evaluation, check_run_dir
 
-    if args.embeddings is None and args.run is None:
-        raise InputError(None, "give --embeddings (an export) or --run (a run's encoder)")
+    if args.raw_features and args.data is None and args.run is None:
+        raise InputError(None, "--raw-features needs --data STORE (or --run RUN)")
+    if args.embeddings is None and args.run is None and not args.raw_features:
+        raise InputError(None, "give --embeddings (an export), --run (a run's encoder) or "
+                               "--raw-features")
     options = {"splits": args.splits, "num_splits": args.num_splits, "seed": args.seed}
     if args.run is not None:
         check_run_dir(args.run)
-    if args.embeddings is not None:
+    if args.raw_features:
+        result = evaluate_raw_features(args.data, args.run, **options)
+    elif args.embeddings is not None:
         result = evaluate_export(args.embeddings, args.data, **options)
     else:
         result = evaluate_run(args.run, args.data, encoder=args.encoder, **options)
@@ -255,7 +278,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         spread = f" ± {100 * result['test_acc_std']:.2f}" if result["num_splits"] > 1 else ""
-        print(f"{result['encoder']} encoder (step {result['step']}), {result['splits']} splits: "
+        what = ("raw features" if args.raw_features
+                else f"{result['encoder']} encoder (step {result['step']})")
+        print(f"{what}, {result['splits']} splits: "
               f"test {result['metric']} {100 * result['test_acc_mean']:.2f}{spread} "
               f"(valid {100 * result['val_acc_mean']:.2f}; {result['num_splits']} split(s) of "
               f"{result['num_labelled']:,} labelled nodes)")
@@ -264,24 +289,40 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def add_report_parser(commands: argparse._SubParsersAction) -> None:
     report = commands.add_parser(
-        "report", help="summary and plot of a run",
-        description="Print a run's summary and plot its loss, lr, tau and probe accuracy "
-                    "(from `evaluate --run`) over the steps (needs matplotlib: "
-                    "pip install 'bgrl-dgl[plot]').")
+        "report", help="summary and picture of a run",
+        description="Print a run's summary and draw one PNG: loss, tau, learning rate and "
+                    "seeds/s over the steps, the probe accuracies recorded by `evaluate --run`, "
+                    "and a 2-D map (t-SNE) of the node embeddings coloured by class.")
     report.add_argument("run", help="run directory")
     report.add_argument("--out", help="PNG to write (default: RUN/report.png)")
+    report.add_argument("--data", help="store to map (default: the run's)")
+    report.add_argument("--map-nodes", type=int, default=10_000,
+                        help="labelled nodes on the map, a seeded sample (default: 10000)")
     report.set_defaults(handler=run_report)
 
 
 def run_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from bgrl_dgl.embedding_map import EmbeddingMap, embedding_map
     from bgrl_dgl.report import RunHistory, format_summary, plot_history
 
     history = RunHistory.load(args.run)
+    out = Path(args.out) if args.out else history.run_dir / "report.png"
+    if not out.parent.is_dir():
+        raise InputError(out.parent, "no such directory for the picture")
+    if args.map_nodes < 1:
+        raise InputError(None, f"--map-nodes must be positive, got {args.map_nodes}")
     print(format_summary(history.summary(), history.evaluations), flush=True)
-    path = plot_history(history, Path(args.out) if args.out else history.run_dir / "report.png")
-    print(f"wrote {path}")
+    data = args.data or history.data
+    embedding: EmbeddingMap | str = "the run records no store (run.yaml)"
+    if data is not None:
+        try:
+            embedding = embedding_map(history.run_dir, data, history.evaluations, args.map_nodes)
+        except InputError as err:
+            embedding = str(err)
+            print(f"no embedding map: {err}", file=sys.stderr)
+    print(f"picture: {plot_history(history, out, embedding)}")
     return 0
 
 
@@ -350,7 +391,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv.remove("--debug")
     args = build_parser(argv).parse_args(argv)
     try:
-        return args.handler(args)
+        bars = False if getattr(args, "json", False) else getattr(args, "progress", None)
+        with progress_mode(bars):
+            return args.handler(args)
     except (InputError, RunError) as err:
         if debug:
             raise

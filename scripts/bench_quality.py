@@ -1,6 +1,6 @@
 """Embedding quality of mini-batch BGRL with the default config, on Cora and other graphs.
 
-Cora (../shared/data/cora, Planetoid files) is prepared once; every ``--store`` is used as
+Cora (data/cora, Planetoid files) is prepared once; every ``--store`` is used as
 it is. On each graph, for each training seed, BGRL trains with the default configuration
 (no flags), every node is embedded with the online encoder (exact layer-wise inference), and
 a linear probe is fitted on the store's own split (Cora's public 140/500/1000) and on random
@@ -30,7 +30,7 @@ from bgrl_dgl.training.config import TrainConfig
 from bgrl_dgl.training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
-CORA = REPO.parent / "shared" / "data" / "cora"
+CORA = REPO / "data" / "cora"
 
 
 def probe(run_dir: Path, encoder: str, num_random: int, seed: int) -> tuple[float, float]:

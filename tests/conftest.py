@@ -5,14 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from helpers import PLANTED_NODES, SHARED_CORA, run_cli
+from helpers import CORA, PLANTED_NODES, run_cli
 
 
 @pytest.fixture(scope="session")
 def cora_dir() -> Path:
-    if not (SHARED_CORA / "cora.npz").exists():
-        pytest.skip(f"shared Cora data not found at {SHARED_CORA}")
-    return SHARED_CORA
+    """The Cora files shipped with the repository (data/cora)."""
+    missing = [name for name in ("cora.npz", "ind.cora.graph") if not (CORA / name).is_file()]
+    assert not missing, f"{CORA} lacks {missing}: the checkout is incomplete"
+    return CORA
 
 
 @pytest.fixture(scope="session")
@@ -29,5 +30,3 @@ def planted_store(tmp_path_factory) -> Path:
 @pytest.fixture
 def cli():
     return run_cli
-
-

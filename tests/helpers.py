@@ -11,7 +11,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 
-SHARED_CORA = REPO.parent / "shared" / "data" / "cora"
+CORA = REPO / "data" / "cora"  # shipped with the repository
 
 
 PLANTED_NODES = 600

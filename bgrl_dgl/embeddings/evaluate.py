@@ -1,5 +1,5 @@
 """``evaluate``: the BGRL linear-probe protocol on a store's labels, for embeddings exported
-by ``embed`` or computed in memory from a run's encoder.
+by ``embed``, computed in memory from a run's encoder, or the store's raw node features.
 
 Both read only the labelled nodes' rows and fit the same probe (embeddings/probe.py) on the
 store's train/valid/test splits (``public``) or on ``num_splits`` random stratified
@@ -14,15 +14,17 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 
-from bgrl_dgl.embeddings.layerwise import embed_store
+from bgrl_dgl.embeddings.layer_progress import embed_store_with_progress
 from bgrl_dgl.embeddings.parquet import open_export, read_embeddings
 from bgrl_dgl.embeddings.probe import ProbeSummary, linear_probe, random_split_probe, summarize
 from bgrl_dgl.errors import InputError
+from bgrl_dgl.progress import progress_bar
 from bgrl_dgl.runs import EncoderName, load_encoder, load_run_config
 from bgrl_dgl.splits import SPLIT_NAMES
 from bgrl_dgl.store.reader import GraphStore
 
 SplitMode = Literal["public", "random"]
+FEATURE_ROWS_PER_READ = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -146,12 +148,43 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike | None = None, 
                                      f"{source.encoder.in_dim}-d ones")
     # Every node is embedded, as ``embed`` does, so that this probe and the probe of an
     # export of the same encoder see the same numbers (a subset differs in rounding).
-    embeddings = embed_store(source.encoder, store)
+    embeddings = embed_store_with_progress(source.encoder, store)
     summary, num_labelled = probe_store(store, lambda nodes: embeddings[nodes], splits,
                                         num_splits, seed)
     step = source.checkpoint["step"] if source.checkpoint else 0
     return evaluation_record(store, splits, summary, num_labelled, encoder=encoder, step=step,
                              embeddings=None)
+
+
+def evaluate_raw_features(data: str | os.PathLike | None = None,
+                          run: str | os.PathLike | None = None, *, splits: SplitMode = "public",
+                          num_splits: int = 20, seed: int = 0) -> dict[str, Any]:
+    """Probe the store's own node features (the store ``data``, or the one ``run`` trained
+    on): the baseline that shows what the graph and the training add.
+
+    Returns:
+        A JSON-ready summary (see :func:`evaluation_record`), encoder ``raw-features``.
+    """
+    if data is None:
+        if run is None:
+            raise InputError(None, "--raw-features needs --data STORE (or --run RUN)")
+        data = load_run_config(run)[1].data
+    store = GraphStore.open(data)
+    summary, num_labelled = probe_store(store, lambda nodes: feature_rows(store, nodes),
+                                        splits, num_splits, seed)
+    return evaluation_record(store, splits, summary, num_labelled, encoder="raw-features",
+                             step=0, embeddings=None)
+
+
+def feature_rows(store: GraphStore, nodes: np.ndarray) -> np.ndarray:
+    """The stored feature rows [M, F] of the ascending ids ``nodes``, read in slices."""
+    rows = np.empty((nodes.size, store.feat_dim), dtype=store.features.dtype)
+    with progress_bar(total=nodes.size, desc="read features", unit="rows", scale=True) as bar:
+        for start in range(0, nodes.size, FEATURE_ROWS_PER_READ):
+            chunk = nodes[start:start + FEATURE_ROWS_PER_READ]
+            rows[start:start + chunk.size] = store.features[chunk]
+            bar.update(chunk.size)
+    return rows
 
 
 def evaluation_record(store: GraphStore, splits: str, summary: ProbeSummary, num_labelled: int,

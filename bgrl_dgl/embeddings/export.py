@@ -65,6 +65,7 @@ from bgrl_dgl.io import (
     temp_path,
     write_atomic,
 )
+from bgrl_dgl.progress import progress_bar
 from bgrl_dgl.runs import RunEncoder, load_encoder
 from bgrl_dgl.store.reader import GraphStore, read_node_ids
 from bgrl_dgl.training.distributed import World, process_device
@@ -276,7 +277,7 @@ def export_embeddings(out: str | os.PathLike, *, run: str | os.PathLike | None =
             compute_parts(source.encoder, store, layout, missing, rows, options, scratch,
                           source.config.sampling.graph_degrees, device)
             offset = 0
-            for part in missing:
+            for part in progress_bar(missing, desc="write parts", unit="parts"):
                 part_nodes = layout.node_ids(part)
                 write_part(out / part_name(part), store, part_nodes,
                            rows[offset:offset + part_nodes.size], schema,

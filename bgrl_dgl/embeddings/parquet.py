@@ -31,6 +31,7 @@ from bgrl_dgl.io import (
     atomic_path,
     read_json,
 )
+from bgrl_dgl.progress import progress_bar
 from bgrl_dgl.store.reader import GraphStore
 
 FORMAT = "bgrl-dgl-embeddings/1"
@@ -218,7 +219,7 @@ def check_part_schema(path: Path, schema: pa.Schema, manifest: dict[str, Any]) -
 def iter_row_groups(out: Path, manifest: dict[str, Any], lowest: int,
                     highest: int) -> Iterator[pa.Table]:
     """node_id and embedding of every row group whose node_id range meets [lowest, highest]."""
-    for part in manifest["parts"]:
+    for part in progress_bar(manifest["parts"], desc="read embeddings", unit="parts"):
         path = out / part["file"]
         try:
             with pq.ParquetFile(path) as file:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bgrl_dgl.progress import progress_bar
 from bgrl_dgl.splits import DEFAULT_FRACTIONS, SPLIT_NAMES, stratified_split
 
 # Per-sample loss + weight_decay / 2 * ||W||^2; 2^-15 (almost unregularised) .. 2^3 (close to
@@ -149,7 +150,7 @@ def random_split_probe(embeddings: np.ndarray | torch.Tensor, labels: np.ndarray
     strata = labels if labels.ndim == 1 else np.where(labelled, 0, -1)
     results = [linear_probe(embeddings, labels, stratified_split(strata, fractions, seed + i),
                             **probe_kwargs)
-               for i in range(num_splits)]
+               for i in progress_bar(range(num_splits), desc="probe splits", unit="splits")]
     return summarize(results)
 
 

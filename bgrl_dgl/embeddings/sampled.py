@@ -8,13 +8,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bgrl_dgl.embeddings.layerwise import embed_store
+from bgrl_dgl.embeddings.layer_progress import embed_store_with_progress
 from bgrl_dgl.embeddings.parquet import (
     PartLayout,
 )
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.loading.loader import NeighborBatchSampler, batch_rng_seed
 from bgrl_dgl.model.encoder import Encoder
+from bgrl_dgl.progress import progress_bar
 from bgrl_dgl.store.reader import GraphStore
 
 
@@ -52,16 +53,18 @@ def compute_parts(encoder: Encoder, store: GraphStore, layout: PartLayout, parts
     if options.fanouts is None:
         everything = layout.nodes is None and len(parts) == layout.num_parts
         nodes = None if everything else np.concatenate([layout.node_ids(p) for p in parts])
-        embed_store(encoder, store, batch_size=options.batch_size, device=device,
-                    scratch_dir=scratch, out=out, nodes=nodes)
+        embed_store_with_progress(encoder, store, nodes, batch_size=options.batch_size,
+                                  device=device, scratch_dir=scratch, out=out)
         return
     sampler = NeighborBatchSampler(store, options.fanouts, sampling_degrees)
     offset = 0
-    for part in parts:
-        nodes = layout.node_ids(part)
-        sampled_embeddings(encoder, sampler, nodes, out[offset:offset + nodes.size],
-                           options.batch_size, options.seed, part, device)
-        offset += nodes.size
+    with progress_bar(total=len(out), desc="embed (sampled)", unit="nodes", scale=True) as bar:
+        for part in parts:
+            nodes = layout.node_ids(part)
+            sampled_embeddings(encoder, sampler, nodes, out[offset:offset + nodes.size],
+                               options.batch_size, options.seed, part, device)
+            offset += nodes.size
+            bar.update(nodes.size)
 
 
 def check_fanouts(fanouts: list[int] | None, num_layers: int) -> None:

@@ -35,6 +35,7 @@ import numpy as np
 from scipy.sparse import _sparsetools
 
 from bgrl_dgl.errors import InputError
+from bgrl_dgl.progress import progress_bar
 from bgrl_dgl.store.format import INT32_LIMIT, SCAN_CHUNK, NpyWriter
 
 EdgeChunks = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
@@ -351,11 +352,20 @@ def partition(edge_chunks: EdgeChunks, runs: BucketRuns, *, source_path: str, sy
     """Phase 1: validate the edges and spill them into ``runs`` batch by batch."""
     chunks = (checked_edges(src, dst, runs.num_nodes, source_path, runs.dtype)
               for src, dst in edge_chunks())
-    with closing(prefetched(chunks)) as checked:
-        for src, dst in rebatch(checked, batch_edges):
+    with progress_bar(desc="read edges", unit="edges", scale=True) as bar, \
+            closing(prefetched(chunks)) as checked:
+        for src, dst in rebatch(counted(checked, bar), batch_edges):
             for run in directed_runs(src, dst, symmetrize=symmetrize, self_loops=self_loops):
                 runs.add(*run)
     runs.finish()
+
+
+def counted(chunks: Iterable[tuple[np.ndarray, np.ndarray]],
+            bar: Any) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The (src, dst) chunks, their edges counted on the progress bar ``bar``."""
+    for src, dst in chunks:
+        bar.update(len(src))
+        yield src, dst
 
 
 def write_sorted(runs: BucketRuns, out_dir: Path, index_dtype: np.dtype, piece_items: int, *,
@@ -376,12 +386,14 @@ def write_sorted(runs: BucketRuns, out_dir: Path, index_dtype: np.dtype, piece_i
     indptr.append(np.zeros(1, dtype=index_dtype))
     written = 0
     bounds = runs.piece_bounds(piece_items, int(self_loops == "add")).tolist()
-    with ThreadPoolExecutor(max_workers=SORT_THREADS) as pool:
+    with ThreadPoolExecutor(max_workers=SORT_THREADS) as pool, \
+            progress_bar(total=runs.num_nodes, desc="sort CSC", unit="nodes", scale=True) as bar:
         for counts, neighbours in bounded_map(pool, sort, zip(bounds[:-1], bounds[1:]),
                                               ahead=SORT_THREADS):
             indices.append(neighbours)
             indptr.append(written + np.cumsum(counts, dtype=np.int64))
             written += len(neighbours)
+            bar.update(len(counts))
     return {"indptr": indptr.close(), "indices": indices.close()}
 
 

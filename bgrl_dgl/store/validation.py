@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -22,6 +21,7 @@ import numpy as np
 
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.io import remove_stale_temp_files, temp_prefix
+from bgrl_dgl.progress import bars_requested, progress_bar
 from bgrl_dgl.store.format import SCAN_CHUNK
 
 if TYPE_CHECKING:
@@ -110,16 +110,15 @@ def record_validation(path: Path, meta: dict[str, Any], meta_stamp: list[int],
 
 # ---- the checks --------------------------------------------------------------------------
 class _Progress:
-    """A progress bar over the entries scanned, shown only for big stores on a terminal."""
+    """A progress bar over the entries scanned (:mod:`bgrl_dgl.progress`: on a terminal or
+    with --progress), for big stores, or any store when --progress asks for bars."""
 
     def __init__(self, store: "GraphStore") -> None:
         total = store.num_nodes + store.num_edges
         self.bar = None
-        if total >= PROGRESS_ENTRIES and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=f"validating {store.path}", unit=" entries",
-                            unit_scale=True, leave=False)
+        if total >= PROGRESS_ENTRIES or bars_requested():
+            self.bar = progress_bar(total=total, desc=f"validating {store.path}",
+                                    unit=" entries", scale=True, leave=False)
 
     def update(self, count: int) -> None:
         if self.bar is not None:

@@ -18,6 +18,7 @@ import numpy as np
 
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.io import remove_stale_temp_files, temp_path, write_atomic
+from bgrl_dgl.progress import progress_bar
 from bgrl_dgl.store.capacity import (
     ROW_CHUNK_SHARE,
     StorePlan,
@@ -246,19 +247,22 @@ class StoreWriter:
             raise RuntimeError("the features were already written")
         self._set_num_nodes(num_rows, "feature rows", source_path)
         writer: NpyWriter | None = None
-        for chunk in chunks:
-            block = np.asarray(chunk)
-            if block.ndim != 2:
-                raise InputError(source_path, f"feature rows must form a 2-D array, got shape "
-                                 f"{block.shape}")
-            if writer is None:
-                writer = self._feature_writer(block, source_path)
-            elif block.shape[1] != writer.row_shape[0]:
-                raise InputError(source_path, f"feature rows have {block.shape[1]} columns "
-                                 f"after {writer.row_shape[0]} before")
-            if writer.rows + len(block) > num_rows:
-                raise InputError(source_path, f"more than {num_rows} feature rows")
-            writer.append(converted_features(block, writer.dtype, writer.rows, source_path))
+        with progress_bar(total=num_rows, desc="write features", unit="rows",
+                          scale=True) as bar:
+            for chunk in chunks:
+                block = np.asarray(chunk)
+                if block.ndim != 2:
+                    raise InputError(source_path, f"feature rows must form a 2-D array, got shape "
+                                     f"{block.shape}")
+                if writer is None:
+                    writer = self._feature_writer(block, source_path)
+                elif block.shape[1] != writer.row_shape[0]:
+                    raise InputError(source_path, f"feature rows have {block.shape[1]} columns "
+                                     f"after {writer.row_shape[0]} before")
+                if writer.rows + len(block) > num_rows:
+                    raise InputError(source_path, f"more than {num_rows} feature rows")
+                writer.append(converted_features(block, writer.dtype, writer.rows, source_path))
+                bar.update(len(block))
         if writer is None:
             raise InputError(source_path, "no feature rows were given")
         if writer.rows != num_rows:

@@ -92,6 +92,8 @@ class RunConfig:
                                        "processes are identical (multi-process runs)")
     collapse_ratio: float = field(
         0.1, "warn when the embedding std falls below this fraction of 1/sqrt(dim)")
+    tensorboard: str | None = field(
+        None, "also write the metrics as TensorBoard scalars into this directory (rank 0)")
 
     def __post_init__(self) -> None:
         cfg.check_finite(self)

@@ -12,6 +12,7 @@ from typing import Any, Iterable, Iterator, TextIO, TypeVar
 from tqdm import tqdm
 
 from bgrl_dgl.runs import append_jsonl
+from bgrl_dgl.training.tensorboard import TensorBoardLog
 
 T = TypeVar("T")
 
@@ -42,12 +43,15 @@ class MetricsLog:
         self.path = path
         self.every = every
         self.enabled = enabled
+        self.board: TensorBoardLog | None = None  # also writes there while set
 
     def write(self, metrics: dict[str, Any], *, last_step: bool) -> bool:
         """Log ``metrics`` (which carry their ``step``) if due; returns whether it was."""
         due = metrics["step"] % self.every == 0 or last_step or "target_divergence" in metrics
         if due and self.enabled:
             append_jsonl(self.path, metrics)
+            if self.board is not None:
+                self.board.write(metrics)
         return due
 
 

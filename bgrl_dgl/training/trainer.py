@@ -65,6 +65,7 @@ from bgrl_dgl.training.monitor import (
     StepTimeEstimate,
     timed,
 )
+from bgrl_dgl.training.tensorboard import check_tensorboard, tensorboard_log
 
 
 def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
@@ -233,7 +234,9 @@ class Trainer:
         metrics: dict[str, float] = {}
         started = time.perf_counter()
         estimate = StepTimeEstimate(self.total_steps, self.step, self.is_main)
-        with StopRequest() as stop, ProgressBar(self.total_steps, self.step, self.is_main) as bar:
+        progress = ProgressBar(self.total_steps, self.step, self.is_main)
+        board = tensorboard_log(self.config.run.tensorboard, self.is_main)
+        with StopRequest() as stop, progress as bar, board as self.metrics_log.board:
             for batch, wait_s in timed(loader.batches(self.step, self.total_steps)):
                 metrics = self.train_step(batch)
                 stopping = self.share_step_results(metrics, batch, wait_s, stop.requested)
@@ -336,6 +339,7 @@ def train(data: str | Path, run_dir: str | Path, config: TrainConfig, *, resume:
         trainer, schedule = build_trainer(config, store, run_dir, device, world)
         check_cache_budget(store, config.sampling.cache_bytes)
         check_training_cache(store, config.sampling, schedule.seed_nodes, config.run.seed)
+        check_tensorboard(config.run.tensorboard if world.is_main else None)
         resumed = resume_state(run_dir, resume or world.restart_count > 0, world, lock)
         if resumed is not None:
             trainer.load_state(resumed[1], resumed[0])

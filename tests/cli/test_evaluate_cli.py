@@ -1,14 +1,18 @@
-"""``bgrl-dgl evaluate`` (linear probe of a Parquet export) and ``bgrl-dgl report``."""
+"""``bgrl-dgl evaluate`` (linear probe of a Parquet export, of a run's encoder or of raw
+features) and ``bgrl-dgl report``."""
 from __future__ import annotations
 
 import json
-import sys
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_export import cli, run_dir, store_dir  # noqa: F401  (fixtures)
 
 from bgrl_dgl.cli import main
+from bgrl_dgl.embeddings.probe import linear_probe
+from bgrl_dgl.store.reader import GraphStore
 
 from helpers import assert_input_error
 
@@ -44,7 +48,6 @@ def test_random_splits_average_several_probes(cli, export_dir):  # noqa: F811
 
 
 def test_evaluation_is_recorded_and_reported(cli, export_dir, run_dir, tmp_path):  # noqa: F811
-    pytest.importorskip("matplotlib")
     result = cli("evaluate", "--embeddings", export_dir, "--run", run_dir)
     assert result.returncode == 0, result.stderr
     assert "test accuracy" in result.stdout
@@ -54,18 +57,31 @@ def test_evaluation_is_recorded_and_reported(cli, export_dir, run_dir, tmp_path)
     png = tmp_path / "report.png"
     result = cli("report", run_dir, "--out", png)
     assert result.returncode == 0, result.stderr
-    assert "2 steps" in result.stdout and "probe at step 2" in result.stdout
+    assert "2 steps" in result.stdout and "loss: final" in result.stdout
+    assert re.search(r"^  trained encoder +\d+\.\d\d  \(step 2\)$", result.stdout, re.M)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_report_without_matplotlib_prints_the_summary_and_how_to_install(cli, run_dir, tmp_path,  # noqa: F811
-                                                                        monkeypatch):
-    for name in ["matplotlib", *(n for n in sys.modules if n.startswith("matplotlib."))]:
-        monkeypatch.setitem(sys.modules, name, None)
-    result = cli("report", run_dir, "--out", tmp_path / "report.png")
-    assert_input_error(result, "pip install 'bgrl-dgl[plot]'")
-    assert "loss: final" in result.stdout
-    assert not any(tmp_path.iterdir())
+def test_raw_features_are_probed_by_the_same_protocol(cli, store_dir, run_dir):  # noqa: F811
+    result = cli("evaluate", "--raw-features", "--data", store_dir, "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["encoder"] == "raw-features" and summary["embeddings"] is None
+    assert summary["num_labelled"] == 600 and summary["splits"] == "public"
+    store = GraphStore.open(store_dir)
+    direct = linear_probe(np.asarray(store.features), np.asarray(store.labels),
+                          {name: store.split(name) for name in ("train", "valid", "test")})
+    assert summary["test_acc_mean"] == pytest.approx(direct.test_acc, abs=1e-9)
+    assert summary["val_acc_mean"] == pytest.approx(direct.val_acc, abs=1e-9)
+
+    evaluations = run_dir / "evaluations.jsonl"
+    before = len(evaluations.read_text().splitlines()) if evaluations.exists() else 0
+    result = cli("evaluate", "--raw-features", "--run", run_dir, "--splits", "random",
+                 "--num-splits", "2")  # the store of the run
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("raw features, random splits: test accuracy")
+    lines = evaluations.read_text().splitlines()
+    assert len(lines) == before + 1 and json.loads(lines[-1])["encoder"] == "raw-features"
 
 
 def test_bad_input_is_one_line(cli, export_dir, run_dir, tmp_path):  # noqa: F811
@@ -79,3 +95,6 @@ def test_bad_input_is_one_line(cli, export_dir, run_dir, tmp_path):  # noqa: F81
     assert_input_error(cli("evaluate", "--embeddings", export_dir, "--run", tmp_path / "norun"),
                        "norun")
     assert_input_error(cli("report", tmp_path / "norun"), "norun")
+    assert_input_error(cli("evaluate", "--raw-features"), "--raw-features needs --data")
+    assert_input_error(cli("evaluate", "--raw-features", "--data", tmp_path / "nostore"),
+                       "nostore")

@@ -17,7 +17,7 @@ import pytest
 
 from bgrl_dgl.cli import main
 
-from helpers import SHARED_CORA, run_cli
+from helpers import CORA, run_cli
 
 FIFO_TIMEOUT = 120  # a read that blocks on a FIFO would hang; the subprocess is then killed
 
@@ -68,7 +68,7 @@ class World:
     tmp: Path
     store: Path
     run: Path
-    cora: Path | None
+    cora: Path
 
     def store_copy(self, corrupt: Callable[[Path], None] | None = None) -> Path:
         copy = self.tmp / "copy"
@@ -86,8 +86,6 @@ class World:
         return self.tmp / name
 
     def planetoid(self, part: str, content: bytes | str) -> list[str]:
-        if self.cora is None:
-            pytest.skip("shared Cora data not found")
         root = self.tmp / "planetoid"
         root.mkdir()
         for other in ("x", "y", "tx", "ty", "allx", "ally", "graph", "test.index"):
@@ -213,8 +211,7 @@ CASES: dict[str, tuple[Callable[[World], list[str]], int, tuple[str, ...], bool]
 @pytest.mark.parametrize("case", CASES)
 def test_hostile_input(case, tmp_path, store, run, capsys):
     make_argv, code, fragments, in_subprocess = CASES[case]
-    shared = SHARED_CORA
-    world = World(tmp_path / "work", store, run, shared if shared.is_dir() else None)
+    world = World(tmp_path / "work", store, run, CORA)
     world.tmp.mkdir()
     argv = make_argv(world)
     before = snapshot(tmp_path), snapshot(store), snapshot(run)

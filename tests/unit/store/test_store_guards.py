@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from bgrl_dgl import progress
 from bgrl_dgl.cli import main, os_error_line
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.store import reader, validation, writer
@@ -234,7 +235,7 @@ def test_a_terminated_prepare_removes_its_temp_directory(tmp_path):
 
 def test_a_big_store_shows_its_validation_progress(store, monkeypatch, capsys):
     monkeypatch.setattr(validation, "PROGRESS_ENTRIES", 100)
-    monkeypatch.setattr(validation.sys.stderr, "isatty", lambda: True)
+    monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: True)
     counted = []
     update = validation._Progress.update
     monkeypatch.setattr(validation._Progress, "update",
