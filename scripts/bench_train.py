@@ -1,9 +1,9 @@
 """Benchmark a BGRL training step against a plain supervised GraphSAGE step on the same batches.
 
 Both arms are fed by the same :class:`~bgrl_dgl.loading.loader.BatchLoader` (as ``train``
-builds it), over the same batches (global steps ``0 .. warmup + steps - 1``), and are timed end to end: each
-step's wait for the loader plus its compute. The first ``--warmup`` steps of each arm
-(worker start-up, cold page cache, allocator growth) are not counted.
+builds it), over the same batches (global steps ``0 .. warmup + steps - 1``), and are timed
+end to end: each step's wait for the loader plus its compute. The first ``--warmup`` steps of
+each arm (worker start-up, cold page cache, allocator growth) are not counted.
 
 * BGRL: ``Trainer.train_step`` - two augmented views, online encoder + predictor forward and
   backward, target forward, optimizer step, EMA update.
