@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import CORA, PLANTED_NODES, run_cli
+from helpers import CORA, PLANTED_NODES, prepare_synthetic, run_cli
 
 
 @pytest.fixture(scope="session")
@@ -19,12 +19,9 @@ def cora_dir() -> Path:
 @pytest.fixture(scope="session")
 def planted_store(tmp_path_factory) -> Path:
     """A power-law graph of PLANTED_NODES nodes in 4 planted homophilous classes, 16-d features."""
-    from bgrl_dgl.cli import main
-
     out = tmp_path_factory.mktemp("planted") / "store"
-    assert main(["prepare", "synthetic", "--out", str(out), "--num-nodes", str(PLANTED_NODES),
-                 "--avg-degree", "6", "--feat-dim", "16", "--num-classes", "4"]) == 0
-    return out
+    return prepare_synthetic(out, num_nodes=PLANTED_NODES, avg_degree=6, feat_dim=16,
+                             num_classes=4)
 
 
 @pytest.fixture

@@ -56,3 +56,14 @@ def write_test_store(out: Path, num_nodes: int, src: np.ndarray, dst: np.ndarray
             writer.write_split(name, ids, source_path="splits")
         writer.commit()
     return GraphStore.open(out)
+
+
+def prepare_synthetic(out: Path, *, num_nodes: int, avg_degree: float, feat_dim: int,
+                      num_classes: int) -> Path:
+    """A small ``prepare synthetic`` store at ``out`` (built in-process); returns ``out``."""
+    from bgrl_dgl.cli import main
+
+    assert main(["prepare", "synthetic", "--out", str(out), "--num-nodes", str(num_nodes),
+                 "--avg-degree", str(avg_degree), "--feat-dim", str(feat_dim),
+                 "--num-classes", str(num_classes)]) == 0
+    return out

@@ -17,7 +17,7 @@ import pytest
 
 from bgrl_dgl.cli import main
 
-from helpers import CORA, run_cli
+from helpers import CORA, prepare_synthetic, run_cli
 
 FIFO_TIMEOUT = 120  # a read that blocks on a FIFO would hang; the subprocess is then killed
 
@@ -47,9 +47,8 @@ def bomb_npy(path: Path, count: int = 10**12) -> Path:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("hostile") / "store"
-    assert main(["prepare", "synthetic", "--out", str(out), "--num-nodes", "300",
-                 "--avg-degree", "4", "--feat-dim", "8", "--num-classes", "3"]) == 0
-    return out
+    return prepare_synthetic(out, num_nodes=300, avg_degree=4, feat_dim=8,
+                             num_classes=3)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from bgrl_dgl.loading.cache_files import ROWS_FILE, SLOTS_FILE
 from bgrl_dgl.loading.feature_cache import FeatureCache, cache_directory, cache_identity
 from bgrl_dgl.store.reader import GraphStore
 
-from helpers import assert_input_error
+from helpers import assert_input_error, prepare_synthetic
 
 OTHER_UID = 12345
 BUDGET_ROWS = 30
@@ -30,9 +30,8 @@ needs_root = pytest.mark.skipif(os.getuid() != 0, reason="changing a file's owne
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cache_safety") / "store"
-    assert main(["prepare", "synthetic", "--out", str(out), "--num-nodes", "300",
-                 "--avg-degree", "5", "--feat-dim", "8", "--num-classes", "3"]) == 0
-    return out
+    return prepare_synthetic(out, num_nodes=300, avg_degree=5, feat_dim=8,
+                             num_classes=3)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from bgrl_dgl.loading.loader import SamplingConfig
 from bgrl_dgl.loading.sampler import NeighborBatchSampler
 from bgrl_dgl.store.reader import GraphStore
 
-from helpers import REPO, assert_input_error, write_test_store
+from helpers import REPO, assert_input_error, prepare_synthetic, write_test_store
 
 NUM_NODES, FEAT_DIM = 300, 8
 ROW_BYTES = FEAT_DIM * 4  # float32 rows
@@ -295,9 +295,8 @@ TRAIN = ["--hidden", "16,16", "--predictor-hidden", "16", "--fanouts", "3,3", "-
 @pytest.fixture(scope="module")
 def train_store(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("features") / "planted"
-    assert main(["prepare", "synthetic", "--out", str(out), "--num-nodes", "400",
-                 "--avg-degree", "5", "--feat-dim", "16", "--num-classes", "4"]) == 0
-    return out
+    return prepare_synthetic(out, num_nodes=400, avg_degree=5, feat_dim=16,
+                             num_classes=4)
 
 
 def metrics(run: Path) -> list[dict]:
