@@ -49,7 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--avg-degree", type=float, default=10.0,
                         help="input edges per node of the synthetic graph (default: 10)")
     parser.add_argument("--feat-dim", type=int, default=128)
-    parser.add_argument("--hidden", default="256,128", help="encoder layer sizes (default: 256,128)")
+    parser.add_argument("--hidden", default="256,128",
+                        help="encoder layer sizes (default: 256,128)")
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                         help="embedding dtype of the export (default: float32)")
     parser.add_argument("--batch-size", type=int, default=4096,

@@ -128,7 +128,8 @@ def test_export_holds_every_node_once_with_the_exact_embeddings(cli, run_dir, re
 def test_float16_export(cli, run_dir, reference, tmp_path):
     out = tmp_path / "emb16"
     assert cli("embed", "--run", run_dir, "--out", out, "--dtype", "float16").returncode == 0
-    assert ds.dataset(out, format="parquet").schema.field("embedding").type == pa.list_(pa.float16(), DIM)
+    schema = ds.dataset(out, format="parquet").schema
+    assert schema.field("embedding").type == pa.list_(pa.float16(), DIM)
     node_id, values = read_export(out)
     assert values.dtype == np.float16
     np.testing.assert_array_equal(node_id, np.arange(NUM_NODES))
@@ -138,7 +139,8 @@ def test_float16_export(cli, run_dir, reference, tmp_path):
 def test_random_encoder_is_the_initial_weights(cli, run_dir, store_dir, tmp_path):
     out = tmp_path / "random"
     assert cli("embed", "--run", run_dir, "--out", out, "--encoder", "random").returncode == 0
-    expected = embed_store(load_encoder(run_dir, which="random").encoder, GraphStore.open(store_dir))
+    expected = embed_store(load_encoder(run_dir, which="random").encoder,
+                           GraphStore.open(store_dir))
     np.testing.assert_allclose(read_export(out)[1], expected, rtol=0, atol=1e-6)
     assert json.loads((out / "_manifest.json").read_text())["checkpoint"] is None
 
@@ -150,8 +152,10 @@ def test_original_ids_of_a_parquet_store_are_carried(cli, run_dir, tmp_path):
     pq.write_table(pa.table({"src": edges[:, 0], "dst": edges[:, 1]}), tmp_path / "edges.parquet")
     np.save(tmp_path / "ids.npy", orig)
     np.save(tmp_path / "features.npy", rng.normal(size=(orig.size, FEAT_DIM)).astype(np.float32))
-    assert cli("prepare", "parquet", "--out", tmp_path / "store", "--edges", tmp_path / "edges.parquet",
-               "--features", tmp_path / "features.npy", "--node-ids", tmp_path / "ids.npy").returncode == 0
+    prepared = cli("prepare", "parquet", "--out", tmp_path / "store", "--edges",
+                   tmp_path / "edges.parquet", "--features", tmp_path / "features.npy",
+                   "--node-ids", tmp_path / "ids.npy")
+    assert prepared.returncode == 0
     store = GraphStore.open(tmp_path / "store")
 
     out = tmp_path / "emb"
@@ -213,7 +217,8 @@ def test_rerun_after_a_crash_writes_only_the_missing_part(cli, run_dir, tmp_path
     # A crash after parts 0 and 2 were written: part 1 missing, no manifest, not complete.
     for name in ("_SUCCESS", "_manifest.json", "part-00001.parquet"):
         (out / name).unlink()
-    kept = {name: (out / name).stat().st_mtime_ns for name in ("part-00000.parquet", "part-00002.parquet")}
+    kept = {name: (out / name).stat().st_mtime_ns
+            for name in ("part-00000.parquet", "part-00002.parquet")}
     result = cli("embed", "--run", run_dir, "--out", out, *PART_ROWS)
     assert result.returncode == 0, result.stderr
     assert "1 parts written, 2 already complete" in result.stdout
@@ -258,7 +263,8 @@ def test_two_ranks_write_disjoint_parts_and_the_last_one_completes(cli, run_dir,
 
 BAD_INPUT = {  # case -> (arguments besides --out, fragment of the error line)
     "missing run": (lambda run, tmp: ["--run", tmp / "nowhere"], "nowhere"),
-    "checkpoint without data": (lambda run, tmp: ["--checkpoint", latest_checkpoint(run)], "--data"),
+    "checkpoint without data": (lambda run, tmp: ["--checkpoint", latest_checkpoint(run)],
+                                "--data"),
     "nodes out of range": (lambda run, tmp: ["--run", run, "--nodes", tmp / "ids.npy"], "ids.npy"),
     "fanouts per layer": (lambda run, tmp: ["--run", run, "--fanouts", "5"], "--fanouts"),
     "missing scratch dir": (lambda run, tmp: ["--run", run, "--scratch-dir", tmp / "none"],

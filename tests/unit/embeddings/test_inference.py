@@ -155,7 +155,8 @@ def test_scratch_dir_is_removed_when_a_layer_fails(graph, tmp_path):
     indptr, indices, features = graph
     encoder = RecordingEncoder(random_encoder("sage"), tmp_path, fail_at_layer=2)
     with pytest.raises(RuntimeError, match="layer failed"):
-        layerwise_embeddings(encoder, indptr, indices, features, batch_size=10, scratch_dir=tmp_path)
+        layerwise_embeddings(encoder, indptr, indices, features, batch_size=10,
+                             scratch_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
