@@ -193,11 +193,15 @@ def add_embed_parser(commands: argparse._SubParsersAction) -> None:
                             "inference")
     embed.add_argument("--seed", type=int, default=0,
                        help="sampling seed with --fanouts (default: 0)")
-    embed.add_argument("--batch-size", type=int, default=4096,
-                       help="destination nodes per inference batch (default: 4096)")
+    embed.add_argument("--batch-size", type=int,
+                       help="destination nodes per inference batch (default: sized from a "
+                            "memory budget with exact inference, 4096 with --fanouts)")
     embed.add_argument("--rows-per-part", type=int,
                        help="rows per Parquet file (default: 4 row groups of about 64 MB)")
     embed.add_argument("--scratch-dir", help="where the layers' memmaps go (default: inside --out)")
+    embed.add_argument("--scratch-dtype", choices=["float32", "float16"], default="float32",
+                       help="precision of the intermediate layers kept in the scratch directory "
+                            "with exact inference; float16 halves their size (default: float32)")
     embed.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                        help="where the encoder runs (default: auto)")
     embed.add_argument("--overwrite", action="store_true",
@@ -214,7 +218,8 @@ def run_embed(args: argparse.Namespace) -> int:
     result = export_embeddings(
         args.out, run=args.run, checkpoint=args.checkpoint, data=args.data, encoder=args.encoder,
         dtype=args.dtype, nodes=args.nodes,
-        options=InferenceOptions(args.batch_size, args.device, args.fanouts, args.seed),
+        options=InferenceOptions(args.batch_size, args.device, args.fanouts, args.seed,
+                                 args.scratch_dtype),
         rows_per_part=args.rows_per_part, scratch_dir=args.scratch_dir,
         overwrite=args.overwrite, world=world_from_env())
     print(result.describe())

@@ -15,12 +15,15 @@ are computed independently of one another:
   ``--overwrite`` cannot be coordinated between ranks: delete an old export before starting
   several ranks on it.
 
-The embeddings never sit in memory at once: the last layer is written to a memmap in a
-scratch directory (inside OUT by default), from which the parts are streamed row group by
-row group. The scratch space is checked, and the embeddings' memmap allocated, before any
-layer runs, and a rerun first removes the scratch directories of runs that died (see
-scratch.py). A full disk met while writing ends the export with one line (the command line
-maps the OSError), keeping the complete parts for a rerun.
+The embeddings never sit in memory at once. With exact inference the last layer's rows go,
+block by block, to a writer thread that writes them row group by row group and commits each
+part when complete (rowstream.py); the layers' tables live in a scratch directory, inside
+OUT by default. Sampled embeddings are written to a memmap in the scratch directory, from
+which the parts are streamed. The scratch space is checked (for every rank of this machine)
+and each memmap allocated before any layer runs, and a rerun first removes the scratch
+directories of runs that died (see scratch.py). A full disk met while writing ends the
+export with one line (the command line maps the OSError), keeping the complete parts for a
+rerun.
 """
 from __future__ import annotations
 
@@ -33,8 +36,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 
 from bgrl_dgl import config as cfg
+from bgrl_dgl.embeddings.layerwise import scratch_requirement
 from bgrl_dgl.embeddings.parquet import (
     DTYPES,
     FORMAT,
@@ -42,17 +47,18 @@ from bgrl_dgl.embeddings.parquet import (
     MANIFEST_FILE,
     PART_NAME,
     SUCCESS_FILE,
+    ParquetPart,
     PartLayout,
     embedding_schema,
     part_is_complete,
     part_name,
     write_part,
 )
+from bgrl_dgl.embeddings.rowstream import StreamedParts
 from bgrl_dgl.embeddings.sampled import InferenceOptions, check_fanouts, compute_parts
 from bgrl_dgl.embeddings.scratch import (
     allocate_array,
     check_free_space,
-    layer_scratch_bytes,
     remove_stale_scratch,
     scratch_directory,
 )
@@ -69,12 +75,16 @@ from bgrl_dgl.progress import progress_bar
 from bgrl_dgl.runs import RunEncoder, load_encoder
 from bgrl_dgl.store.reader import GraphStore, read_node_ids
 from bgrl_dgl.training.distributed import World, process_device
+from bgrl_dgl.training.host import compute_threads
 
 
 def export_inputs(store: GraphStore, source: RunEncoder, which: str, dtype: str,
                   nodes: np.ndarray | None, fanouts: list[int] | None, seed: int,
-                  layout: PartLayout, run: Path | None) -> dict[str, Any]:
+                  layout: PartLayout, run: Path | None,
+                  scratch_dtype: str = "float32") -> dict[str, Any]:
     """The JSON description of an export: equal for two runs iff they write the same parts."""
+    exact = {"mode": "exact"} if scratch_dtype == "float32" else {"mode": "exact",
+                                                                  "scratch_dtype": scratch_dtype}
     inputs = {
         "format": FORMAT,
         "num_nodes": layout.num_rows,
@@ -90,7 +100,7 @@ def export_inputs(store: GraphStore, source: RunEncoder, which: str, dtype: str,
         "node_types": {name: list(bounds) for name, bounds in store.node_types.items()},
         "nodes": None if nodes is None else {
             "count": int(nodes.size), "sha256": hashlib.sha256(nodes.tobytes()).hexdigest()},
-        "inference": ({"mode": "exact"} if fanouts is None
+        "inference": (exact if fanouts is None
                       else {"mode": "sampled", "fanouts": list(fanouts), "seed": seed}),
         "rows_per_part": layout.rows_per_part,
         "row_group_rows": layout.row_group_rows,
@@ -235,8 +245,11 @@ def export_embeddings(out: str | os.PathLike, *, run: str | os.PathLike | None =
     """
     if dtype not in DTYPES:
         raise InputError(None, f"--dtype must be float32 or float16, got {dtype!r}")
-    if options.batch_size < 1:
+    if options.batch_size is not None and options.batch_size < 1:
         raise InputError(None, f"--batch-size must be positive, got {options.batch_size}")
+    if options.scratch_dtype not in DTYPES:
+        raise InputError(None, f"--scratch-dtype must be float32 or float16, got "
+                               f"{options.scratch_dtype!r}")
     out = Path(out)
     if scratch_dir is not None and not Path(scratch_dir).is_dir():
         raise InputError(scratch_dir, "no such scratch directory")
@@ -255,38 +268,86 @@ def export_embeddings(out: str | os.PathLike, *, run: str | os.PathLike | None =
     layout = PartLayout.plan(store.num_nodes, node_ids, dim * rows_dtype.itemsize + 8,
                              rows_per_part)
     inputs = export_inputs(store, source, encoder, dtype, node_ids, options.fanouts,
-                           options.seed, layout, None if run is None else Path(run))
+                           options.seed, layout, None if run is None else Path(run),
+                           options.scratch_dtype)
     schema = embedding_schema(dim, dtype, bool(store.node_types))
 
     mine = layout.rank_parts(world.rank, world.world_size)
     scratch_root = out if scratch_dir is None else Path(scratch_dir)
     remove_stale_scratch(scratch_root)  # before the free space is measured
-    hidden = list(source.config.model.hidden) if options.fanouts is None else []
+    exact = options.fanouts is None
     planned = parts_to_compute(out, inputs, layout, mine, schema, overwrite)
-    check_free_space(scratch_root, layer_scratch_bytes(store.num_nodes, hidden)
-                     + layout_rows(layout, planned) * dim * rows_dtype.itemsize,
-                     f"embedding {layout_rows(layout, planned):,} nodes")
+    if exact:  # the intermediate tables; the ranks of this machine hold theirs at once
+        needed = world.local_world_size * scratch_requirement(
+            source.encoder, store.num_nodes, options.scratch_dtype, device) if planned else 0
+        if device.type == "cpu":
+            torch.set_num_threads(compute_threads(0, 0, world.local_world_size))
+    else:  # the memmap of the sampled embeddings
+        needed = layout_rows(layout, planned) * dim * rows_dtype.itemsize
+    check_free_space(scratch_root, needed, f"embedding {layout_rows(layout, planned):,} nodes")
 
     claim_output(out, inputs, overwrite)
     remove_stale_temp_files(out)
     missing = [p for p in mine if not part_complete(out, layout, p, schema)]
     if missing:
         with scratch_directory(scratch_root) as scratch:
-            rows = allocate_array(scratch / "embeddings", rows_dtype,
-                                  (layout_rows(layout, missing), dim))
-            compute_parts(source.encoder, store, layout, missing, rows, options, scratch,
-                          source.config.sampling.graph_degrees, device)
-            offset = 0
-            for part in progress_bar(missing, desc="write parts", unit="parts"):
-                part_nodes = layout.node_ids(part)
-                write_part(out / part_name(part), store, part_nodes,
-                           rows[offset:offset + part_nodes.size], schema,
-                           layout.row_group_rows)
-                offset += part_nodes.size
-            del rows
+            if exact:
+                write_exact_parts(source, store, layout, missing, options, scratch, device,
+                                  out, schema)
+            else:
+                write_sampled_parts(source, store, layout, missing, options, scratch, device,
+                                    out, schema, rows_dtype)
     complete = finish_if_complete(out, inputs, layout)
     return ExportResult(out, layout.num_rows, dim, dtype, missing,
                         [p for p in mine if p not in missing], layout.num_parts, complete,
                         world.rank, world.world_size)
 
 
+
+
+def write_exact_parts(source: RunEncoder, store: GraphStore, layout: PartLayout,
+                      missing: list[int], options: InferenceOptions, scratch: Path,
+                      device: torch.device, out: Path, schema: Any) -> None:
+    """Exact embeddings of the parts ``missing``, written by a thread as the last layer's
+    rows come (each part committed once complete)."""
+    sizes = [layout.rows(p)[1] - layout.rows(p)[0] for p in missing]
+    with progress_bar(total=len(missing), desc="write parts", unit="parts") as bar:
+        def open_part(k: int) -> ParquetPart:
+            return CountedPart(out / part_name(missing[k]), store, layout.node_ids(missing[k]),
+                               schema, bar)
+
+        with StreamedParts(sizes, layout.row_group_rows, open_part) as parts:
+            compute_parts(source.encoder, store, layout, missing, parts, options, scratch,
+                          False, device)
+
+
+class CountedPart(ParquetPart):
+    """A part counted on ``bar`` once committed."""
+
+    def __init__(self, path: Path, store: GraphStore, nodes: np.ndarray, schema: Any,
+                 bar: Any) -> None:
+        super().__init__(path, store, nodes, schema)
+        self.bar = bar
+
+    def commit(self) -> None:
+        super().commit()
+        self.bar.update(1)
+
+
+def write_sampled_parts(source: RunEncoder, store: GraphStore, layout: PartLayout,
+                        missing: list[int], options: InferenceOptions, scratch: Path,
+                        device: torch.device, out: Path, schema: Any,
+                        rows_dtype: np.dtype) -> None:
+    """Sampled embeddings of the parts ``missing`` into a memmap in ``scratch``, then the
+    parts."""
+    rows = allocate_array(scratch / "embeddings", rows_dtype,
+                          (layout_rows(layout, missing), source.encoder.out_dim))
+    compute_parts(source.encoder, store, layout, missing, rows, options, scratch,
+                  source.config.sampling.graph_degrees, device)
+    offset = 0
+    for part in progress_bar(missing, desc="write parts", unit="parts"):
+        part_nodes = layout.node_ids(part)
+        write_part(out / part_name(part), store, part_nodes,
+                   rows[offset:offset + part_nodes.size], schema, layout.row_group_rows)
+        offset += part_nodes.size
+    del rows

@@ -1,80 +1,130 @@
 """Exact full-graph embeddings, one layer at a time, for graphs larger than memory.
 
 Sampled mini-batches approximate a node's receptive field; here every layer aggregates each
-node's full in-neighbourhood. Layer ``i`` runs for all nodes (in batches of consecutive
-destination ids, whose in-edges are one contiguous slice of the CSC arrays) and writes its
-output for every node to a float32 memmap in a scratch directory, which layer ``i + 1``
-reads. The work is O(L * E); memory holds one batch and its sources. Given a subset of
-nodes, the last layer runs for those only and each earlier layer only for the nodes that the
-next one reads (its destinations and their in-neighbours).
+node's full in-neighbourhood. Each convolution is split (:mod:`bgrl_dgl.embeddings.blockconv`) into
+row-wise *node tables* (the narrower side of its weight products) and a sparse sum over
+in-edges. Layer 0's tables are computed from the features in one streaming pass. Then, for
+each layer, blocks of consecutive destinations (whose in-edges are one contiguous slice of
+the CSC arrays) sum table rows over their in-edges, one CSR-times-dense product per table
+with global column ids (:mod:`bgrl_dgl.embeddings.blockio`), finish the layer (norm,
+PReLU) and compute their rows of the next layer's tables, or, at the last layer, hand their
+rows to ``out`` in order. Tables are memmaps in a scratch directory (float32, or float16
+when asked), or device tensors on a GPU with room for them; a layer's tables are deleted
+once the next layer's are written. The work is O(L * (N d^2 + E d)); blocks are sized from
+a memory budget.
 
-Every batch carries whole-graph degrees, so GCN normalisation equals that of a forward pass
-over the whole graph at once (a batch's own out-degrees count only edges into the batch).
+Given a subset of nodes, the last layer runs for those only and each earlier layer only for
+the nodes that the next one reads (its destinations and their in-neighbours). GCN
+normalisation uses whole-graph degrees, so the result equals a forward pass over the whole
+graph at once.
 """
 from __future__ import annotations
 
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Union
 
 import numpy as np
 import torch
 
-from bgrl_dgl.model.adjacency import Adjacency
+from bgrl_dgl.embeddings.blockconv import LayerOps, finish_layer, layer_ops
+from bgrl_dgl.embeddings.blockio import (
+    SCRATCH_DTYPES,
+    Block,
+    GraphArrays,
+    NodeTables,
+    Rows,
+    host_tensor,
+    to_device,
+)
+from bgrl_dgl.embeddings.scratch import check_free_space
 
 if TYPE_CHECKING:
     from bgrl_dgl.model.encoder import Encoder
     from bgrl_dgl.store.reader import GraphStore
 
+BLOCK_MEMORY = 512 << 20  # bytes of working memory per block
+DEVICE_TABLE_SHARE = 0.7  # tables stay on a GPU if they fit in this share of its free memory
+
+
+class RowSink(Protocol):
+    """Receives the rows of the last layer in order: ``rows`` [n, D] float32 are rows
+    ``[start, start + n)`` of the result."""
+
+    def write(self, start: int, rows: np.ndarray) -> None: ...
+
+
+Output = Union[np.ndarray, RowSink]
+Progress = Callable[[int, int], None]
+
 
 def layerwise_embeddings(encoder: Encoder, graph_indptr: np.ndarray, graph_indices: np.ndarray,
-                         features: np.ndarray, *, batch_size: int = 4096,
+                         features: np.ndarray, *, batch_size: int | None = None,
                          device: torch.device | str = "cpu", scratch_dir: Path | None = None,
-                         out: np.ndarray | None = None, in_degrees: np.ndarray | None = None,
-                         out_degrees: np.ndarray | None = None,
-                         nodes: np.ndarray | None = None) -> np.ndarray:
+                         out: Output | None = None, in_degrees: np.ndarray | None = None,
+                         out_degrees: np.ndarray | None = None, nodes: np.ndarray | None = None,
+                         symmetric: bool = False, scratch_dtype: str = "float32",
+                         memory_budget: int = BLOCK_MEMORY,
+                         progress: Progress | None = None, check_space: bool = True) -> Output:
     """The encoder's output for every node of a CSC graph: [N, encoder.out_dim], or for the
     nodes ``nodes`` only: [M, encoder.out_dim], row k for node ``nodes[k]``.
 
-    ``graph_indptr`` [N + 1] and ``graph_indices`` [E] (int32/int64, memmaps welcome): the
-    in-neighbours of ``v`` are ``graph_indices[graph_indptr[v]:graph_indptr[v + 1]]``.
-    ``features``: [N, F] float16/float32, read in batches and converted to float32.
-    The encoder runs in eval mode without gradients (its mode is restored afterwards).
-    ``batch_size``: destination nodes per batch. Intermediate layers go to a temporary
-    directory created inside ``scratch_dir`` (default: the system's temp dir) and removed at
-    the end, also on error. The last layer is written to ``out`` (any writable [N, out_dim]
-    floating array, e.g. a memmap) or to a new float32 array, which is returned.
-    ``in_degrees``/``out_degrees`` [N]: whole-graph degrees, given together or not at all
-    (then counted from the arrays; pass them for large graphs, as :func:`embed_store` does).
-    ``nodes``: [M] strictly ascending integer ids in [0, N) (default: all nodes).
+    Args:
+        graph_indptr, graph_indices: [N + 1] and [E] (int32/int64, memmaps welcome): the
+            in-neighbours of ``v`` are ``graph_indices[graph_indptr[v]:graph_indptr[v + 1]]``.
+        features: [N, F] float16/float32, read in chunks.
+        batch_size: at most this many destinations per block (default: from ``memory_budget``).
+        device: where the products run.
+        scratch_dir: where a temporary directory for the tables is made (default: the
+            system's temp dir); it is removed at the end, also on error.
+        out: a writable floating [rows, out_dim] array, or a :class:`RowSink`
+            (default: a new float32 array).
+        in_degrees, out_degrees: [N] whole-graph degrees for GCN normalisation, both or
+            neither (then counted from the arrays).
+        nodes: [M] strictly ascending ids in [0, N) (default: all nodes).
+        symmetric: the graph is symmetric, so out-degrees need not be counted.
+        scratch_dtype: float32 or float16, the precision of the stored tables.
+        memory_budget: bytes of working memory per block.
+        progress: called as ``progress(layer, count)`` after each block of ``count``
+            destinations of layer ``layer`` (0-based) is computed.
+        check_space: check the free space for the tables in ``scratch_dir`` first (False:
+            the caller did, as the export does for all the ranks of a machine).
+
+    Returns:
+        ``out``. The encoder runs in eval mode without gradients (its mode is restored).
     """
     num_nodes = _check_graph(graph_indptr, graph_indices, features, batch_size)
     nodes = _check_nodes(nodes, num_nodes)
-    degrees = _whole_graph_degrees(graph_indptr, graph_indices, in_degrees, out_degrees)
+    graph = GraphArrays(graph_indptr, graph_indices,
+                        *_check_degrees(num_nodes, in_degrees, out_degrees), symmetric)
+    if scratch_dtype not in SCRATCH_DTYPES:
+        raise ValueError(f"scratch_dtype must be float32 or float16, got {scratch_dtype!r}")
     rows = num_nodes if nodes is None else nodes.size
     if out is None:
         out = np.empty((rows, encoder.out_dim), dtype=np.float32)
-    elif out.shape != (rows, encoder.out_dim) or not np.issubdtype(out.dtype, np.floating):
+    elif not hasattr(out, "write") and (out.shape != (rows, encoder.out_dim)
+                                        or not np.issubdtype(out.dtype, np.floating)):
         raise ValueError(f"out must be a floating [{rows}, {encoder.out_dim}] array, "
                          f"got {out.dtype} {out.shape}")
-    destinations = _layer_destinations(graph_indptr, graph_indices, nodes, encoder.num_layers,
-                                       batch_size)
-
+    if rows == 0:
+        return out
+    device = torch.device(device)
+    ops = [layer_ops(encoder, i) for i in range(encoder.num_layers)]
+    dtype = SCRATCH_DTYPES[scratch_dtype]
+    resident = _tables_fit_on_device(ops, num_nodes, dtype, device, memory_budget)
+    parent = Path(tempfile.gettempdir() if scratch_dir is None else scratch_dir)
+    if not resident and check_space:
+        check_free_space(parent, table_bytes(ops, num_nodes, dtype), "exact inference")
+    destinations = _layer_destinations(graph, nodes, encoder.num_layers + 1)
     was_training = encoder.training
     encoder.eval()
-    scratch = Path(tempfile.mkdtemp(prefix="bgrl-inference-", dir=scratch_dir))
+    scratch = Path(tempfile.mkdtemp(prefix="bgrl-inference-", dir=parent))
     try:
         with torch.no_grad():
-            h, previous = features, None
-            for layer in range(encoder.num_layers):
-                last = layer == encoder.num_layers - 1
-                target = out if last else scratch / f"layer-{layer}.f32"
-                h = _run_layer(encoder, layer, graph_indptr, graph_indices, h, degrees,
-                               batch_size, device, target, destinations[layer], compact=last)
-                if previous is not None:  # this layer's input is no longer needed
-                    previous.unlink()
-                previous = None if last else target
+            run = _Pass(encoder, ops, graph, scratch, dtype, device, resident, progress)
+            run.layers(features, destinations, out if hasattr(out, "write") else _ArraySink(out),
+                       memory_budget, batch_size)
         if isinstance(out, np.memmap):
             out.flush()
         return out
@@ -83,18 +133,137 @@ def layerwise_embeddings(encoder: Encoder, graph_indptr: np.ndarray, graph_indic
         encoder.train(was_training)
 
 
-def embed_store(encoder: Encoder, store: GraphStore, **kwargs) -> np.ndarray:
+def embed_store(encoder: Encoder, store: GraphStore, **kwargs) -> Output:
     """:func:`layerwise_embeddings` of the nodes of ``store``: [N, out_dim]; ``kwargs``
-    as there (batch_size, device, scratch_dir, out, nodes)."""
+    as there (batch_size, device, scratch_dir, out, nodes, scratch_dtype, memory_budget)."""
     return layerwise_embeddings(encoder, store.indptr, store.indices, store.features,
-                                in_degrees=store.in_degrees(), out_degrees=store.out_degrees(),
-                                **kwargs)
+                                symmetric=store.symmetrized, **kwargs)
+
+
+def table_bytes(ops: list[LayerOps], num_nodes: int, dtype: torch.dtype) -> int:
+    """Bytes of the tables alive at once: those of two consecutive layers, at most."""
+    widths = [sum(layer.widths) for layer in ops] + [0]
+    itemsize = torch.finfo(dtype).bits // 8
+    return max(a + b for a, b in zip(widths[:-1], widths[1:])) * num_nodes * itemsize
+
+
+def scratch_requirement(encoder: Encoder, num_nodes: int, scratch_dtype: str,
+                        device: torch.device | str, memory_budget: int = BLOCK_MEMORY) -> int:
+    """Bytes of scratch space :func:`layerwise_embeddings` needs for a graph of
+    ``num_nodes`` nodes (0 when its tables stay on the GPU)."""
+    ops = [layer_ops(encoder, i) for i in range(encoder.num_layers)]
+    dtype = SCRATCH_DTYPES[scratch_dtype]
+    if _tables_fit_on_device(ops, num_nodes, dtype, torch.device(device), memory_budget):
+        return 0
+    return table_bytes(ops, num_nodes, dtype)
+
+
+def _tables_fit_on_device(ops: list[LayerOps], num_nodes: int, dtype: torch.dtype,
+                          device: torch.device, memory_budget: int) -> bool:
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return table_bytes(ops, num_nodes, dtype) + 2 * memory_budget <= DEVICE_TABLE_SHARE * free
+
+
+class _ArraySink:
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        self.array[start:start + rows.shape[0]] = rows
+
+
+class _Pass:
+    """The layers of one inference run, block by block."""
+
+    def __init__(self, encoder: Encoder, ops: list[LayerOps], graph: GraphArrays, scratch: Path,
+                 dtype: torch.dtype, device: torch.device, resident: bool,
+                 progress: Progress | None = None) -> None:
+        self.encoder, self.ops, self.graph = encoder, ops, graph
+        self.scratch, self.dtype, self.device, self.resident = scratch, dtype, device, resident
+        self.progress = progress
+
+    def tables(self, layer: int) -> NodeTables:
+        return NodeTables(self.scratch, f"layer-{layer}", self.graph.num_nodes,
+                          self.ops[layer].widths, self.dtype, self.device, self.resident)
+
+    def table_rows(self, layer: int, rows: Rows, h: torch.Tensor) -> list[torch.Tensor]:
+        """Layer ``layer``'s table rows of the nodes ``rows`` with input rows ``h``."""
+        ops = self.ops[layer]
+        degree = None
+        if ops.needs_out_degree:
+            degree = to_device(torch.from_numpy(self.graph.out_degree(rows)), self.device)
+        return ops.tables(h, degree)
+
+    def layers(self, features: np.ndarray, destinations: list[np.ndarray | None], sink: RowSink,
+               budget: int, batch_size: int | None) -> None:
+        """Every layer; ``destinations``: the nodes layer 0 reads, then those each layer
+        computes (None: all)."""
+        tables = self.tables(0)
+        itemsize = 2 if self.dtype == torch.float16 else 4
+        row_bytes = features.shape[1] * 12 + 8 * sum(self.ops[0].widths)
+        for _, rows in _row_blocks(self.graph, destinations[0], max(1, budget // row_bytes)):
+            h = to_device(host_tensor(np.asarray(features[rows])), self.device).float()
+            tables.write(rows, self.table_rows(0, rows, h))
+        for layer, ops in enumerate(self.ops):
+            last = layer == len(self.ops) - 1
+            following = None if last else self.tables(layer + 1)
+            conv = self.encoder.convs[layer]
+            later = 0 if last else sum(self.ops[layer + 1].widths)
+            row_bytes = 4 * (2 * sum(ops.widths) + 4 * max(conv.in_dim, conv.out_dim) + 2 * later)
+            edge_bytes = 8 + ops.edge_bytes
+            if self.device.type == "cuda" and not self.resident:
+                edge_bytes += 16 + 2 * itemsize * sum(ops.widths)  # relabelling, gathered rows
+            max_rows = max(1, budget // 2 // row_bytes)
+            if batch_size is not None:
+                max_rows = min(max_rows, batch_size)
+            for start, rows in _row_blocks(self.graph, destinations[layer + 1], max_rows,
+                                           max(1, budget // 2 // edge_bytes)):
+                block = Block(self.graph, rows, tables, self.device,
+                              features if layer == 0 else None)
+                h = finish_layer(self.encoder, layer, ops.block(block))
+                if last:
+                    sink.write(start, h.cpu().numpy())
+                else:
+                    following.write(rows, self.table_rows(layer + 1, rows, h))
+                if self.progress is not None:
+                    self.progress(layer, h.shape[0])
+            tables.delete()
+            tables = following
+
+
+def _row_blocks(graph: GraphArrays, ids: np.ndarray | None, max_rows: int,
+                max_edges: int | None = None) -> Iterator[tuple[int, Rows]]:
+    """(position in ``ids``, rows) of consecutive blocks of ``ids`` (None: all nodes) of at
+    most ``max_rows`` rows and, unless one row has more, ``max_edges`` in-edges."""
+    count = graph.num_nodes if ids is None else ids.size
+    edges = None
+    if max_edges is not None:  # in-edges before each position
+        if ids is None:
+            edges = graph.indptr
+        else:
+            edges = np.zeros(ids.size + 1, dtype=np.int64)
+            np.cumsum(graph.in_edge_counts(ids), out=edges[1:])
+    start = 0
+    while start < count:
+        end = min(start + max_rows, count)
+        if edges is not None:
+            limit = int(np.searchsorted(edges, int(edges[start]) + max_edges, side="right")) - 1
+            end = max(start + 1, min(end, limit))
+        if ids is None:
+            yield start, slice(start, end)
+        else:
+            chunk = ids[start:end]
+            consecutive = int(chunk[-1]) - int(chunk[0]) + 1 == chunk.size
+            yield start, slice(int(chunk[0]), int(chunk[-1]) + 1) if consecutive else chunk
+        start = end
 
 
 def _check_graph(indptr: np.ndarray, indices: np.ndarray, features: np.ndarray,
-                 batch_size: int) -> int:
+                 batch_size: int | None) -> int:
     """Number of nodes N; ValueError unless the CSC and the features [N, F] agree."""
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if indptr.ndim != 1 or indptr.shape[0] < 1 or indices.ndim != 1:
         raise ValueError("graph indptr must be [N + 1] and indices [E]")
@@ -120,117 +289,29 @@ def _check_nodes(nodes: np.ndarray | None, num_nodes: int) -> np.ndarray | None:
     return None if nodes.size == num_nodes else nodes
 
 
-def _layer_destinations(indptr: np.ndarray, indices: np.ndarray, nodes: np.ndarray | None,
-                        num_layers: int, batch_size: int) -> list[np.ndarray | None]:
-    """The nodes each layer must compute (ascending int64 ids, None = all): ``nodes`` for the
-    last layer; for an earlier one, the next layer's nodes and their in-neighbours."""
+def _check_degrees(num_nodes: int, in_degrees: np.ndarray | None,
+                   out_degrees: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The given whole-graph degrees; ValueError unless both or neither are given, [N]."""
+    if (in_degrees is None) != (out_degrees is None):
+        raise ValueError("give both in_degrees and out_degrees, or neither")
+    if in_degrees is not None and (in_degrees.shape != (num_nodes,)
+                                   or out_degrees.shape != (num_nodes,)):
+        raise ValueError(f"in_degrees and out_degrees must be [{num_nodes}]")
+    return in_degrees, out_degrees
+
+
+def _layer_destinations(graph: GraphArrays, nodes: np.ndarray | None, levels: int,
+                        chunk: int = 1 << 16) -> list[np.ndarray | None]:
+    """The nodes each of ``levels`` layers must compute (ascending int64 ids, None = all):
+    ``nodes`` for the last; for an earlier one, the next one's nodes and their in-neighbours."""
     layers = [nodes]
-    while len(layers) < num_layers:
+    while len(layers) < levels:
         later = layers[0]
         if later is not None:
-            needed = np.zeros(indptr.shape[0] - 1, dtype=bool)
+            needed = np.zeros(graph.num_nodes, dtype=bool)
             needed[later] = True
-            for start in range(0, later.size, batch_size):
-                needed[_in_edges(indptr, indices, later[start:start + batch_size])[0]] = True
+            for start in range(0, later.size, chunk):
+                needed[graph.in_edges(later[start:start + chunk])[0]] = True
             later = None if needed.all() else np.flatnonzero(needed)
         layers.insert(0, later)
     return layers
-
-
-def _whole_graph_degrees(indptr: np.ndarray, indices: np.ndarray, in_degrees: np.ndarray | None,
-                         out_degrees: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """(in-degree, out-degree) [N] float32 of every node."""
-    if (in_degrees is None) != (out_degrees is None):
-        raise ValueError("give both in_degrees and out_degrees, or neither")
-    num_nodes = indptr.shape[0] - 1
-    if in_degrees is None:
-        in_degrees = np.diff(indptr)
-        out_degrees = np.bincount(indices, minlength=num_nodes)
-    if in_degrees.shape != (num_nodes,) or out_degrees.shape != (num_nodes,):
-        raise ValueError(f"in_degrees and out_degrees must be [{num_nodes}]")
-    return in_degrees.astype(np.float32), out_degrees.astype(np.float32)
-
-
-def _run_layer(encoder: Encoder, layer: int, indptr: np.ndarray, indices: np.ndarray,
-               h: np.ndarray, degrees: tuple[np.ndarray, np.ndarray], batch_size: int,
-               device: torch.device | str, target: np.ndarray | Path,
-               destinations: np.ndarray | None, compact: bool) -> np.ndarray:
-    """Layer ``layer`` for ``destinations`` (ascending ids, None = all nodes) from the inputs
-    ``h`` [N, d_in] (row = node id) into ``target``: an array, or a path where a float32
-    [N, d_out] memmap is created once the output width is known. The output of the k-th
-    destination goes to row k of ``target`` when ``compact``, else to the row of its id."""
-    num_nodes = indptr.shape[0] - 1
-    count = num_nodes if destinations is None else destinations.size
-    for start in range(0, count, batch_size):
-        end = min(start + batch_size, count)
-        dst = np.arange(start, end) if destinations is None else destinations[start:end]
-        adj, sources = _batch_adjacency(indptr, indices, dst, degrees)
-        x = torch.from_numpy(_float32_rows(h, dst, sources)).to(device)
-        y = encoder.layer_forward(layer, adj.to(device), x).cpu().numpy()
-        if isinstance(target, Path):
-            target = np.memmap(target, dtype=np.float32, mode="w+", shape=(num_nodes, y.shape[1]))
-        target[slice(start, end) if compact or destinations is None else dst] = y
-    if isinstance(target, Path):  # no nodes, no batches
-        target = np.empty((num_nodes, 0), dtype=np.float32)
-    return target
-
-
-def _consecutive(ids: np.ndarray) -> bool:
-    """Whether the ascending distinct ids [B] (B >= 1) are ``ids[0], ids[0] + 1, ...``."""
-    return int(ids[-1]) - int(ids[0]) + 1 == ids.size
-
-
-def _rows(array: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """``array[ids]`` for ascending distinct ids, read as one slice when they are consecutive."""
-    return array[ids[0]:ids[-1] + 1] if _consecutive(ids) else array[ids]
-
-
-def _in_edges(indptr: np.ndarray, indices: np.ndarray,
-              dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The in-neighbours of the ascending ids ``dst`` [B], concatenated: [E_b] int64, and
-    their offsets per destination [B + 1] int64 (a CSC over the batch)."""
-    if _consecutive(dst):  # one contiguous slice of the CSC arrays
-        first = int(indptr[dst[0]])
-        offsets = np.asarray(indptr[dst[0]:dst[-1] + 2], dtype=np.int64) - first
-        return np.asarray(indices[first:first + offsets[-1]], dtype=np.int64), offsets
-    starts = np.asarray(indptr[dst], dtype=np.int64)
-    counts = np.asarray(indptr[dst + 1], dtype=np.int64) - starts
-    offsets = np.zeros(dst.size + 1, dtype=np.int64)
-    np.cumsum(counts, out=offsets[1:])
-    positions = np.repeat(starts - offsets[:-1], counts) + np.arange(offsets[-1])
-    return np.asarray(indices[positions], dtype=np.int64), offsets
-
-
-def _batch_adjacency(indptr: np.ndarray, indices: np.ndarray, dst: np.ndarray,
-                     degrees: tuple[np.ndarray, np.ndarray]) -> tuple[Adjacency, np.ndarray]:
-    """The block of the ascending destinations ``dst`` [B] with all their in-edges.
-
-    Its sources are the destinations (local ids ``0..B-1``), then the other in-neighbours
-    ``sources`` [S] int64, ascending (local ids ``B..``).
-    """
-    neighbours, local_indptr = _in_edges(indptr, indices, dst)
-    num_dst = dst.size
-    if _consecutive(dst):
-        slot = neighbours - dst[0]
-        inside = (slot >= 0) & (slot < num_dst)
-    else:
-        slot = np.minimum(np.searchsorted(dst, neighbours), num_dst - 1)
-        inside = dst[slot] == neighbours
-    sources = np.unique(neighbours[~inside])
-    local = np.where(inside, slot, num_dst + np.searchsorted(sources, neighbours))
-    in_deg, out_deg = degrees
-    src_degree = np.concatenate([_rows(out_deg, dst), out_deg[sources]])
-    adj = Adjacency(torch.from_numpy(local_indptr), torch.from_numpy(local), num_dst + sources.size,
-                    src_degree=torch.from_numpy(src_degree),
-                    dst_degree=torch.from_numpy(np.ascontiguousarray(_rows(in_deg, dst))))
-    return adj, sources
-
-
-def _float32_rows(h: np.ndarray, dst: np.ndarray, sources: np.ndarray) -> np.ndarray:
-    """Rows ``dst`` then rows ``sources`` of ``h`` (both ascending) as one float32
-    [B + S, d] array: forward gathers from a memmap."""
-    rows = np.empty((dst.size + sources.size, h.shape[1]), dtype=np.float32)
-    rows[:dst.size] = _rows(h, dst)
-    rows[dst.size:] = h[sources]
-    return rows
-

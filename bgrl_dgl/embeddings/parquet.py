@@ -28,8 +28,9 @@ import pyarrow.parquet as pq
 
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.io import (
-    atomic_path,
+    fsync_path,
     read_json,
+    temp_path,
 )
 from bgrl_dgl.progress import progress_bar
 from bgrl_dgl.store.reader import GraphStore
@@ -146,17 +147,49 @@ def row_group_table(store: GraphStore, nodes: np.ndarray, rows: np.ndarray,
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+class ParquetPart:
+    """One part being written to ``path`` through a temp file, renamed by :meth:`commit`
+    once complete and on disk; ``nodes``: the store indices of its rows."""
+
+    def __init__(self, path: Path, store: GraphStore, nodes: np.ndarray, schema: pa.Schema) -> None:
+        self.path, self.store, self.nodes, self.schema = path, store, nodes, schema
+        self.tmp = temp_path(path)
+        self.dtype = schema.field("embedding").type.value_type.to_pandas_dtype()
+        dictionary = ["node_type"] if "node_type" in schema.names else False
+        self.writer = pq.ParquetWriter(self.tmp, schema, compression="zstd",
+                                       use_dictionary=dictionary, write_statistics=["node_id"])
+
+    def write_group(self, start: int, rows: np.ndarray) -> None:
+        """Rows ``[start, start + len(rows))`` of the part as one row group."""
+        nodes = self.nodes[start:start + rows.shape[0]]
+        table = row_group_table(self.store, nodes, rows.astype(self.dtype, copy=False), self.schema)
+        self.writer.write_table(table, row_group_size=rows.shape[0])
+
+    def commit(self) -> None:
+        self.writer.close()
+        fsync_path(self.tmp)
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            self.writer.close()
+        except (OSError, pa.ArrowException):
+            pass  # the file goes anyway
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
 def write_part(path: Path, store: GraphStore, nodes: np.ndarray, rows: np.ndarray,
                schema: pa.Schema, row_group_rows: int) -> None:
     """Write one part to ``path`` through a temp file renamed once complete and on disk."""
-    dictionary = ["node_type"] if "node_type" in schema.names else False
-    with atomic_path(path) as tmp:
-        with pq.ParquetWriter(tmp, schema, compression="zstd", use_dictionary=dictionary,
-                              write_statistics=["node_id"]) as writer:
-            for start in range(0, nodes.size, row_group_rows):
-                end = min(start + row_group_rows, nodes.size)
-                table = row_group_table(store, nodes[start:end], rows[start:end], schema)
-                writer.write_table(table, row_group_size=end - start)
+    part = ParquetPart(path, store, nodes, schema)
+    try:
+        for start in range(0, nodes.size, row_group_rows):
+            part.write_group(start, rows[start:start + row_group_rows])
+        part.commit()
+    except BaseException:
+        part.abort()
+        raise
 
 
 # ---- reading and probing -------------------------------------------------------------------

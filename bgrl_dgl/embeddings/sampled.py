@@ -9,9 +9,8 @@ import numpy as np
 import torch
 
 from bgrl_dgl.embeddings.layer_progress import embed_store_with_progress
-from bgrl_dgl.embeddings.parquet import (
-    PartLayout,
-)
+from bgrl_dgl.embeddings.parquet import PartLayout
+from bgrl_dgl.embeddings.rowstream import StreamedParts
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.loading.loader import NeighborBatchSampler, batch_rng_seed
 from bgrl_dgl.model.encoder import Encoder
@@ -22,12 +21,14 @@ from bgrl_dgl.store.reader import GraphStore
 # ---- computing and writing -----------------------------------------------------------------
 @dataclass(frozen=True)
 class InferenceOptions:
-    """How embeddings are computed: exact layer-wise, or sampled with ``fanouts``."""
+    """How embeddings are computed: exact layer-wise, or sampled with ``fanouts``.
+    ``batch_size`` None: sized from a memory budget (exact), 4096 (sampled)."""
 
-    batch_size: int = 4096
+    batch_size: int | None = None
     device: str = "auto"
     fanouts: list[int] | None = None
     seed: int = 0
+    scratch_dtype: str = "float32"
 
 
 def sampled_embeddings(encoder: Encoder, sampler: NeighborBatchSampler, nodes: np.ndarray,
@@ -46,15 +47,18 @@ def sampled_embeddings(encoder: Encoder, sampler: NeighborBatchSampler, nodes: n
 
 
 def compute_parts(encoder: Encoder, store: GraphStore, layout: PartLayout, parts: list[int],
-                  out: np.ndarray, options: InferenceOptions, scratch: Path,
+                  out: np.ndarray | StreamedParts, options: InferenceOptions, scratch: Path,
                   sampling_degrees: bool, device: torch.device) -> None:
-    """Embeddings of the rows of ``parts`` (ascending), one after another, into ``out``."""
+    """Embeddings of the rows of ``parts`` (ascending), one after another, into ``out``
+    (an array, or with exact inference a sink of the rows in order)."""
     encoder = encoder.to(device)
     if options.fanouts is None:
         everything = layout.nodes is None and len(parts) == layout.num_parts
         nodes = None if everything else np.concatenate([layout.node_ids(p) for p in parts])
         embed_store_with_progress(encoder, store, nodes, batch_size=options.batch_size,
-                                  device=device, scratch_dir=scratch, out=out)
+                                  device=device, scratch_dir=scratch, out=out,
+                                  scratch_dtype=options.scratch_dtype,
+                                  check_space=False)  # checked by the export
         return
     sampler = NeighborBatchSampler(store, options.fanouts, sampling_degrees)
     offset = 0
@@ -62,7 +66,7 @@ def compute_parts(encoder: Encoder, store: GraphStore, layout: PartLayout, parts
         for part in parts:
             nodes = layout.node_ids(part)
             sampled_embeddings(encoder, sampler, nodes, out[offset:offset + nodes.size],
-                               options.batch_size, options.seed, part, device)
+                               options.batch_size or 4096, options.seed, part, device)
             offset += nodes.size
             bar.update(nodes.size)
 

@@ -2,9 +2,10 @@
 
 A memmap is written through page faults, and a page that the file system cannot allocate
 kills the process with SIGBUS: no message, no cleanup, the scratch directory left behind. So
-the space the layers need is checked before anything is written, the embeddings' memmap is
-allocated on disk (``posix_fallocate``) before it is mapped, and stale scratch directories
-of dead processes are removed before the space is measured.
+the space needed is checked before anything is written (:func:`check_free_space`: the
+intermediate tables of exact inference, see layerwise.py, or the memmap of sampled
+embeddings), every memmap is allocated on disk (``posix_fallocate``) before it is mapped,
+and stale scratch directories of dead processes are removed before the space is measured.
 """
 from __future__ import annotations
 
@@ -22,18 +23,7 @@ from bgrl_dgl.errors import InputError
 from bgrl_dgl.io import remove_stale_temp_files, temp_prefix
 
 SCRATCH_NAME = "scratch-"
-# Bytes per element of the intermediate layers' memmaps (layerwise inference writes float32).
-LAYER_ITEMSIZE = 4
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
-def layer_scratch_bytes(num_nodes: int, hidden: list[int]) -> int:
-    """The most bytes that exact layer-wise inference keeps in scratch at once for the layers
-    before the last: layer ``i``'s output [N, hidden[i]] float32 is written while layer
-    ``i - 1``'s, its input, still exists."""
-    widths = [0, *hidden[:-1]]
-    return max((num_nodes * LAYER_ITEMSIZE * (widths[i - 1] + widths[i])
-                for i in range(1, len(widths))), default=0)
 
 
 def existing_ancestor(path: Path) -> Path:
@@ -50,7 +40,8 @@ def check_free_space(directory: Path, needed: int, what: str) -> None:
     if needed > free:
         raise InputError(directory, f"{what} needs {needed:,} bytes of scratch space, only "
                                     f"{free:,} are free: free some space, or pass --scratch-dir "
-                                    "on a larger file system")
+                                    "on a larger file system (with exact inference: or "
+                                    "--scratch-dtype float16)")
 
 
 def remove_stale_scratch(root: Path) -> None:

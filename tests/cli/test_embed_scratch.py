@@ -1,5 +1,7 @@
 """``bgrl-dgl embed`` on a full disk: the scratch space is checked and allocated up front, a
-full disk is one line (never SIGBUS), and no scratch directory outlives its run."""
+full disk is one line (never SIGBUS), and no scratch directory outlives its run. Exact
+inference keeps its intermediate tables in scratch and streams the parts; sampled inference
+keeps the embeddings in a scratch memmap."""
 from __future__ import annotations
 
 import errno
@@ -16,9 +18,10 @@ import pyarrow.dataset as ds
 import pytest
 
 from bgrl_dgl.cli import main
-from bgrl_dgl.embeddings import export
+from bgrl_dgl.embeddings import export, parquet
+from bgrl_dgl.embeddings.layerwise import scratch_requirement
 from bgrl_dgl.embeddings.sampled import InferenceOptions
-from bgrl_dgl.embeddings.scratch import layer_scratch_bytes
+from bgrl_dgl.runs import load_encoder
 
 from helpers import REPO, assert_input_error
 
@@ -67,10 +70,11 @@ def entries(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
 
 
-def test_layer_scratch_is_the_widest_pair_of_consecutive_hidden_layers() -> None:
-    assert layer_scratch_bytes(10, [8]) == 0  # one layer: straight into the embeddings
-    assert layer_scratch_bytes(10, [16, 8]) == 10 * 4 * 16
-    assert layer_scratch_bytes(10, [16, 32, 4, 8]) == 10 * 4 * (16 + 32)
+def test_exact_scratch_is_two_consecutive_layers_tables(run_dir) -> None:
+    encoder = load_encoder(run_dir).encoder  # sage, 8 -> 16 -> 8: tables 8 + 16 wide at most
+    needed = scratch_requirement(encoder, NUM_NODES, "float32", "cpu")
+    assert needed > 0 and needed % (NUM_NODES * 4) == 0
+    assert scratch_requirement(encoder, NUM_NODES, "float16", "cpu") * 2 == needed
 
 
 @pytest.mark.parametrize("where", ["inside out", "scratch dir"])
@@ -80,7 +84,8 @@ def test_too_little_free_space_is_refused_up_front(run_dir, paths, embed, monkey
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))
     extra = ["--scratch-dir", paths.scratch] if where == "scratch dir" else []
     result = embed("--run", run_dir, "--out", paths.out, *PARTS, *extra)
-    needed = NUM_NODES * 4 * 16 + NUM_NODES * DIM * 4  # layer 0, then the embeddings
+    # the tables of two consecutive layers (the parts are streamed: no embeddings memmap)
+    needed = scratch_requirement(load_encoder(run_dir).encoder, NUM_NODES, "float32", "cpu")
     assert_input_error(result, str(paths.scratch if extra else paths.out),
                        f"needs {needed:,} bytes of scratch space, only 1,000 are free")
     assert not paths.out.exists() and entries(paths.scratch) == []
@@ -93,53 +98,75 @@ def test_sampled_inference_needs_no_layer_scratch(run_dir, paths, embed, monkeyp
     assert_input_error(result, f"needs {NUM_NODES * DIM * 4:,} bytes of scratch space")
 
 
+@pytest.mark.parametrize("mode", ["exact", "sampled"])
 def test_a_full_disk_while_allocating_is_one_line_and_the_rerun_finishes(
-        run_dir, paths, embed, monkeypatch) -> None:
+        run_dir, paths, embed, monkeypatch, mode) -> None:
     def no_space(fd: int, offset: int, length: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "posix_fallocate", no_space)
-    result = embed("--run", run_dir, "--out", paths.out, *PARTS, "--scratch-dir", paths.scratch)
-    assert_input_error(result, str(paths.scratch), "embeddings: cannot allocate "
-                       f"{NUM_NODES * DIM * 4:,} bytes: No space left on device")
+    extra = ["--fanouts", "3,3"] if mode == "sampled" else []
+    result = embed("--run", run_dir, "--out", paths.out, *PARTS, *extra,
+                   "--scratch-dir", paths.scratch)
+    what = (f"embeddings: cannot allocate {NUM_NODES * DIM * 4:,} bytes" if mode == "sampled"
+            else "cannot allocate")  # exact: layer 0's first table
+    assert_input_error(result, str(paths.scratch), what, "No space left on device")
     assert entries(paths.scratch) == [] and entries(paths.out) == ["_inputs.json"]
     monkeypatch.undo()
-    assert embed("--run", run_dir, "--out", paths.out, *PARTS).returncode == 0
+    assert embed("--run", run_dir, "--out", paths.out, *PARTS, *extra).returncode == 0
     assert (paths.out / "_SUCCESS").exists()
 
 
-def test_a_full_disk_while_writing_a_part_is_one_line_and_keeps_the_complete_parts(
-        run_dir, paths, embed, monkeypatch) -> None:
-    reference = paths.out.with_name("reference")
-    assert embed("--run", run_dir, "--out", reference, *PARTS).returncode == 0
+def fail_writing(monkeypatch, mode: str, err: int, after_parts: int = 0) -> None:
+    """Writing a part fails with ``err`` once ``after_parts`` parts were written: the streamed
+    parts of exact inference, or the parts written from the memmap of sampled inference."""
     written = []
+    if mode == "exact":
+        original_group = parquet.ParquetPart.write_group
+
+        def write_group(part, start: int, rows) -> None:
+            if start == 0:
+                written.append(part.path.name)
+            if len(written) > after_parts:
+                raise OSError(err, os.strerror(err), str(part.path))
+            original_group(part, start, rows)
+
+        monkeypatch.setattr(parquet.ParquetPart, "write_group", write_group)
+        return
+    original = export.write_part
 
     def write_part(path: Path, *args) -> None:
-        if written:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        if len(written) >= after_parts:
+            raise OSError(err, os.strerror(err), str(path))
         written.append(path.name)
         original(path, *args)
 
-    original = export.write_part
     monkeypatch.setattr(export, "write_part", write_part)
-    result = embed("--run", run_dir, "--out", paths.out, *PARTS)
+
+
+@pytest.mark.parametrize("mode", ["exact", "sampled"])
+def test_a_full_disk_while_writing_a_part_is_one_line_and_keeps_the_complete_parts(
+        run_dir, paths, embed, monkeypatch, mode) -> None:
+    extra = ["--fanouts", "3,3"] if mode == "sampled" else []
+    reference = paths.out.with_name("reference")
+    assert embed("--run", run_dir, "--out", reference, *PARTS, *extra).returncode == 0
+    fail_writing(monkeypatch, mode, errno.ENOSPC, after_parts=1)
+    result = embed("--run", run_dir, "--out", paths.out, *PARTS, *extra)
     assert result.returncode == 2
     assert result.stderr == f"error: {paths.out / 'part-00001.parquet'}: No space left on device\n"
     assert entries(paths.out) == ["_inputs.json", "part-00000.parquet"]  # no scratch left
     monkeypatch.undo()
-    result = embed("--run", run_dir, "--out", paths.out, *PARTS)
+    result = embed("--run", run_dir, "--out", paths.out, *PARTS, *extra)
     assert "2 parts written, 1 already complete" in result.stdout
     np.testing.assert_allclose(embeddings(paths.out), embeddings(reference), rtol=1e-5, atol=1e-6)
 
 
-def test_other_disk_errors_are_not_disguised(run_dir, paths, monkeypatch) -> None:
-    def failing(*args) -> None:
-        raise OSError(errno.EIO, os.strerror(errno.EIO))
-
-    monkeypatch.setattr(export, "write_part", failing)
+@pytest.mark.parametrize("mode", ["exact", "sampled"])
+def test_other_disk_errors_are_not_disguised(run_dir, paths, monkeypatch, mode) -> None:
+    fail_writing(monkeypatch, mode, errno.EIO)
+    options = InferenceOptions(device="cpu", fanouts=[3, 3] if mode == "sampled" else None)
     with pytest.raises(OSError, match="Input/output error"):
-        export.export_embeddings(paths.out, run=run_dir, options=InferenceOptions(device="cpu"),
-                                 rows_per_part=100)
+        export.export_embeddings(paths.out, run=run_dir, options=options, rows_per_part=100)
     assert "_inputs.json" in entries(paths.out) and not any(
         name.startswith(".tmp-") for name in entries(paths.out))
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import subprocess
 from pathlib import Path
+from shutil import _ntuple_diskusage as DiskUsage
 
 import numpy as np
 import pandas as pd
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from bgrl_dgl.cli import main
+from bgrl_dgl.embeddings import layerwise, scratch
 from bgrl_dgl.embeddings.layerwise import embed_store
 from bgrl_dgl.model.encoder import Encoder, ModelConfig
 from bgrl_dgl.runs import load_encoder
@@ -23,7 +25,7 @@ from bgrl_dgl.store.reader import GraphStore
 from bgrl_dgl.store.writer import StoreWriter
 from bgrl_dgl.training.checkpoint import latest_checkpoint
 
-from helpers import assert_input_error
+from helpers import FLOAT16_SCRATCH_ATOL, assert_input_error
 
 NUM_NODES = 600
 FEAT_DIM = 16
@@ -152,10 +154,9 @@ def test_original_ids_of_a_parquet_store_are_carried(cli, run_dir, tmp_path):
     pq.write_table(pa.table({"src": edges[:, 0], "dst": edges[:, 1]}), tmp_path / "edges.parquet")
     np.save(tmp_path / "ids.npy", orig)
     np.save(tmp_path / "features.npy", rng.normal(size=(orig.size, FEAT_DIM)).astype(np.float32))
-    prepared = cli("prepare", "parquet", "--out", tmp_path / "store", "--edges",
-                   tmp_path / "edges.parquet", "--features", tmp_path / "features.npy",
-                   "--node-ids", tmp_path / "ids.npy")
-    assert prepared.returncode == 0
+    assert cli("prepare", "parquet", "--out", tmp_path / "store",
+               "--edges", tmp_path / "edges.parquet", "--features", tmp_path / "features.npy",
+               "--node-ids", tmp_path / "ids.npy").returncode == 0
     store = GraphStore.open(tmp_path / "store")
 
     out = tmp_path / "emb"
@@ -284,3 +285,58 @@ def test_bad_input_is_one_line_and_leaves_nothing(cli, run_dir, tmp_path, case):
     assert_input_error(cli("embed", *arguments(run_dir, tmp_path), "--out", out), fragment)
     expected = ["notes.txt"] if case == "foreign directory" else None
     assert (sorted(p.name for p in out.iterdir()) if out.exists() else None) == expected
+
+
+def test_a_crash_in_the_last_layer_keeps_the_parts_written_before(cli, run_dir, reference,
+                                                                  tmp_path, monkeypatch):
+    out = tmp_path / "emb"
+    calls = {"last layer blocks": 0}
+    real = layerwise.finish_layer
+
+    def failing(encoder, layer, h):
+        if layer == encoder.num_layers - 1:
+            calls["last layer blocks"] += 1
+            if calls["last layer blocks"] == 4:  # rows 300-399: part 1 is being written
+                raise RuntimeError("killed")
+        return real(encoder, layer, h)
+
+    monkeypatch.setattr(layerwise, "finish_layer", failing)
+    with pytest.raises(RuntimeError, match="killed"):
+        cli("embed", "--run", run_dir, "--out", out, *PART_ROWS, "--batch-size", "100")
+    # Part 0 was complete and stays; part 1's temporary file and the scratch are gone.
+    assert sorted(p.name for p in out.iterdir()) == ["_inputs.json", "part-00000.parquet"]
+    monkeypatch.setattr(layerwise, "finish_layer", real)
+    result = cli("embed", "--run", run_dir, "--out", out, *PART_ROWS)
+    assert result.returncode == 0, result.stderr
+    assert "2 parts written, 1 already complete" in result.stdout
+    node_id, values = read_export(out)
+    np.testing.assert_array_equal(node_id, np.arange(NUM_NODES))
+    np.testing.assert_allclose(values, reference, rtol=0, atol=1e-5)
+
+
+def test_too_little_scratch_space_is_refused_before_starting(cli, run_dir, tmp_path,
+                                                             monkeypatch):
+    out = tmp_path / "emb"
+    free = {"bytes": 1000}
+    monkeypatch.setattr(scratch.shutil, "disk_usage",
+                        lambda path: DiskUsage(10**12, 10**12 - free["bytes"], free["bytes"]))
+    assert_input_error(cli("embed", "--run", run_dir, "--out", out, "--scratch-dir", tmp_path),
+                       str(tmp_path), "scratch space")
+    assert not out.exists()
+    # Enough for float16 tables (16 + 8 wide, 2 bytes each) but not for float32 ones.
+    free["bytes"] = (FEAT_DIM + DIM) * NUM_NODES * 3
+    assert_input_error(cli("embed", "--run", run_dir, "--out", out), str(tmp_path), "float16")
+    assert not out.exists()
+    result = cli("embed", "--run", run_dir, "--out", out, "--scratch-dtype", "float16")
+    assert result.returncode == 0, result.stderr
+
+
+def test_float16_scratch_is_recorded_and_within_tolerance(cli, run_dir, reference, tmp_path):
+    out = tmp_path / "emb"
+    result = cli("embed", "--run", run_dir, "--out", out, "--scratch-dtype", "float16")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["inference"] == {"mode": "exact", "scratch_dtype": "float16"}
+    values = read_export(out)[1]
+    np.testing.assert_allclose(values, reference, rtol=0, atol=FLOAT16_SCRATCH_ATOL)
+    assert not np.array_equal(values, reference)

@@ -237,7 +237,7 @@ def test_embed_killed_while_computing_and_while_writing_then_rerun_equals_one_ru
     args = [*embed, "--out", out, "--scratch-dir", scratch]
 
     with Victim(args, tmp_path / "embed.log") as first:  # while the first layer is computed
-        first.kill_when(lambda: any(scratch.glob(".tmp-*/*/layer-0.f32")))
+        first.kill_when(lambda: any(scratch.glob(".tmp-*/*/layer-0-*")))
         first.assert_no_survivors()
     assert [name for name in temps(scratch) if f".tmp-{first.sid}@" in name] and parts(out) == []
     with Victim(args, tmp_path / "embed.log") as second:  # once 3 of 200 parts are written

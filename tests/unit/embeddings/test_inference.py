@@ -1,18 +1,25 @@
 """Layer-wise inference equals one forward pass over the whole graph, for every convolution,
-batch size and storage (memmaps, float16 features), and leaves no scratch files behind."""
+batch size, node subset and storage (memmaps, float16 features, float16 tables within a
+stated tolerance), and leaves no scratch files behind."""
 from __future__ import annotations
 
 from pathlib import Path
+from shutil import _ntuple_diskusage as DiskUsage
 
 import numpy as np
 import pytest
 import torch
 
+from bgrl_dgl.embeddings import blockio, scratch
+from bgrl_dgl.embeddings import layerwise as inference
 from bgrl_dgl.embeddings.layerwise import embed_store, layerwise_embeddings
+from bgrl_dgl.errors import InputError
 from bgrl_dgl.model.adjacency import Adjacency
 from bgrl_dgl.model.encoder import Encoder, ModelConfig
 from bgrl_dgl.store.reader import GraphStore
 from bgrl_dgl.store.writer import StoreWriter
+
+from helpers import FLOAT16_SCRATCH_ATOL
 
 NUM_NODES = 53
 IN_DIM = 10
@@ -122,42 +129,133 @@ def test_embed_store_equals_full_graph_forward(graph, tmp_path, symmetrize):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
 
 
-class RecordingEncoder(torch.nn.Module):
-    """Delegates to an encoder, recording the files under ``scratch`` when each layer starts,
-    and optionally failing in one layer."""
+class RecordingOps:
+    """Delegates to a layer's ops, recording the files under ``scratch`` when its first block
+    starts, and optionally failing there."""
 
-    def __init__(self, encoder: Encoder, scratch: Path, fail_at_layer: int | None = None) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.num_layers, self.out_dim = encoder.num_layers, encoder.out_dim
-        self.scratch, self.fail_at_layer = scratch, fail_at_layer
-        self.listings: dict[int, set[str]] = {}
+    def __init__(self, ops, layer: int, scratch: Path, listings: dict, fail_at_layer: int | None):
+        self.ops, self.layer, self.scratch = ops, layer, scratch
+        self.listings, self.fail_at_layer = listings, fail_at_layer
+        self.widths, self.edge_bytes = ops.widths, ops.edge_bytes
+        self.needs_out_degree = ops.needs_out_degree
 
-    def layer_forward(self, i: int, adj: Adjacency, h: torch.Tensor) -> torch.Tensor:
-        if i not in self.listings:
-            self.listings[i] = {p.name for p in self.scratch.rglob("*") if p.is_file()}
-        if i == self.fail_at_layer:
+    def tables(self, h, out_degree):
+        return self.ops.tables(h, out_degree)
+
+    def block(self, view):
+        if self.layer not in self.listings:
+            self.listings[self.layer] = {p.name for p in self.scratch.rglob("*") if p.is_file()}
+        if self.layer == self.fail_at_layer:
             raise RuntimeError("layer failed")
-        return self.encoder.layer_forward(i, adj, h)
+        return self.ops.block(view)
 
 
-def test_intermediate_layers_live_in_scratch_dir_and_are_removed(graph, tmp_path):
+def record_layers(monkeypatch, scratch: Path, fail_at_layer: int | None = None) -> dict:
+    listings: dict[int, set[str]] = {}
+    real = inference.layer_ops
+    monkeypatch.setattr(inference, "layer_ops", lambda encoder, i: RecordingOps(
+        real(encoder, i), i, scratch, listings, fail_at_layer))
+    return listings
+
+
+def test_tables_live_in_scratch_dir_two_layers_at_a_time(graph, tmp_path, monkeypatch):
     indptr, indices, features = graph
-    encoder = RecordingEncoder(random_encoder("gcn"), tmp_path)
-    layerwise_embeddings(encoder, indptr, indices, features, batch_size=10, scratch_dir=tmp_path)
-    # Layer 1 reads layer 0's output from a file under the scratch dir; once layer 1 is
-    # written, layer 0's file is deleted; the last layer writes to memory.
-    assert encoder.listings == {0: set(), 1: {"layer-0.f32"}, 2: {"layer-1.f32"}}
+    listings = record_layers(monkeypatch, tmp_path)
+    layerwise_embeddings(random_encoder("gcn"), indptr, indices, features, batch_size=10,
+                         scratch_dir=tmp_path)
+    # Layer i reads its tables (one each: GCN 10->16 keeps the scaled input, 16->12 and
+    # 12->8 the projection) and writes those of layer i + 1; once it is done its own are
+    # deleted; the last layer writes to memory.
+    assert listings == {0: {"layer-0-0.float32", "layer-1-0.float32"},
+                        1: {"layer-1-0.float32", "layer-2-0.float32"},
+                        2: {"layer-2-0.float32"}}
     assert list(tmp_path.iterdir()) == []
 
 
-def test_scratch_dir_is_removed_when_a_layer_fails(graph, tmp_path):
+def test_scratch_dir_is_removed_when_a_layer_fails(graph, tmp_path, monkeypatch):
     indptr, indices, features = graph
-    encoder = RecordingEncoder(random_encoder("sage"), tmp_path, fail_at_layer=2)
+    record_layers(monkeypatch, tmp_path, fail_at_layer=2)
     with pytest.raises(RuntimeError, match="layer failed"):
-        layerwise_embeddings(encoder, indptr, indices, features, batch_size=10,
+        layerwise_embeddings(random_encoder("sage"), indptr, indices, features, batch_size=10,
                              scratch_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("conv", ["sage", "gcn", "gat"])
+@pytest.mark.parametrize("nodes", [[0, 1, 2, 3], [2, 9, 10, 11, 30, 47, 52], [48, 49, 50, 51, 52]])
+def test_node_subsets_equal_the_rows_of_the_full_graph_forward(graph, conv, nodes):
+    indptr, indices, features = graph
+    encoder = random_encoder(conv)
+    expected = full_graph_forward(encoder, indptr, indices, features)
+    result = layerwise_embeddings(encoder, indptr, indices, features, batch_size=3,
+                                  nodes=np.array(nodes))
+    assert result.shape == (len(nodes), 8)
+    np.testing.assert_allclose(result, expected[nodes], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("conv", ["sage", "gcn", "gat"])
+def test_blocks_cut_by_a_small_memory_budget_give_the_same_result(graph, conv):
+    indptr, indices, features = graph
+    encoder = random_encoder(conv)
+    expected = full_graph_forward(encoder, indptr, indices, features)
+    # A few kB per block: blocks of a few rows, some holding one row with more edges than
+    # the budget allows.
+    result = layerwise_embeddings(encoder, indptr, indices, features, memory_budget=4000)
+    np.testing.assert_allclose(result, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [dict(conv="gcn", gcn_self_loops=False, norm="layer"),
+                                    dict(conv="gcn", norm="none", final_activation=False),
+                                    dict(conv="sage", norm="layer", hidden=[4, 24]),
+                                    dict(conv="gat", heads=2, hidden=[6, 4])])
+def test_model_variants_equal_the_full_graph_forward(graph, config):
+    indptr, indices, features = graph
+    torch.manual_seed(3)
+    encoder = Encoder(IN_DIM, ModelConfig(**{"hidden": [16, 12, 8], **config}))
+    expected = full_graph_forward(encoder, indptr, indices, features)
+    result = layerwise_embeddings(encoder, indptr, indices, features, batch_size=9)
+    np.testing.assert_allclose(result, expected, rtol=0, atol=1e-5)
+
+
+
+@pytest.mark.parametrize("conv", ["sage", "gcn", "gat"])
+def test_float16_scratch_is_within_its_stated_tolerance(graph, conv):
+    indptr, indices, features = graph
+    encoder = random_encoder(conv)
+    expected = full_graph_forward(encoder, indptr, indices, features)
+    result = layerwise_embeddings(encoder, indptr, indices, features, batch_size=20,
+                                  scratch_dtype="float16")
+    assert result.dtype == np.float32
+    np.testing.assert_allclose(result, expected, rtol=0, atol=FLOAT16_SCRATCH_ATOL)
+    assert np.abs(result - expected).max() > 1e-6  # the tables were rounded
+
+
+def test_too_little_scratch_space_is_refused_before_anything_is_written(graph, tmp_path,
+                                                                         monkeypatch):
+    indptr, indices, features = graph
+    monkeypatch.setattr(scratch.shutil, "disk_usage", lambda path: DiskUsage(10**9, 10**9, 1000))
+    with pytest.raises(InputError, match="scratch space") as caught:
+        layerwise_embeddings(random_encoder("gcn"), indptr, indices, features,
+                             scratch_dir=tmp_path)
+    assert str(tmp_path) in str(caught.value) and "\n" not in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
+    # What the tables need: two consecutive layers' widths, 53 rows of 4 bytes.
+    ops = [inference.layer_ops(random_encoder("gcn"), i) for i in range(3)]
+    assert inference.table_bytes(ops, NUM_NODES, torch.float32) == (10 + 12) * NUM_NODES * 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("conv", ["sage", "gcn", "gat"])
+@pytest.mark.parametrize("resident", [True, False])
+def test_cuda_equals_the_full_graph_forward(graph, conv, resident, monkeypatch):
+    indptr, indices, features = graph
+    if not resident:  # tables in host memory, blocks gathered into pinned buffers
+        monkeypatch.setattr(inference, "DEVICE_TABLE_SHARE", 0.0)
+    encoder = random_encoder(conv)
+    expected = full_graph_forward(encoder, indptr, indices, features)
+    result = layerwise_embeddings(encoder.cuda(), indptr, indices, features, batch_size=7,
+                                  device="cuda", nodes=np.arange(2, NUM_NODES))
+    np.testing.assert_allclose(result, expected[2:], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -168,6 +266,7 @@ def test_scratch_dir_is_removed_when_a_layer_fails(graph, tmp_path):
     (lambda p, i, f: dict(out=np.empty((NUM_NODES, 7), np.float32)), "out must be"),
     (lambda p, i, f: dict(in_degrees=np.diff(p)), "both"),
     (lambda p, i, f: dict(in_degrees=np.ones(3), out_degrees=np.ones(3)), r"must be \[53\]"),
+    (lambda p, i, f: dict(scratch_dtype="bfloat16"), "scratch_dtype"),
 ])
 def test_bad_inputs_raise_value_error(graph, change, message):
     indptr, indices, features = graph
@@ -175,3 +274,22 @@ def test_bad_inputs_raise_value_error(graph, change, message):
     kwargs.update(change(indptr, indices, features))
     with pytest.raises(ValueError, match=message):
         layerwise_embeddings(random_encoder("sage"), **kwargs)
+
+
+def test_row_blocks_respect_row_and_edge_limits():
+    # In-edge counts per node: 1, 0, 5, 1, 1, 1, 2.
+    counts = np.array([1, 0, 5, 1, 1, 1, 2])
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    graph = blockio.GraphArrays(indptr, np.zeros(indptr[-1], np.int64), None, None, False)
+    blocks = list(inference._row_blocks(graph, None, max_rows=3, max_edges=3))
+    # Node 2 has more in-edges than a block may hold: it forms a block of its own.
+    assert [(start, rows.start, rows.stop) for start, rows in blocks] == [
+        (0, 0, 2), (2, 2, 3), (3, 3, 6), (6, 6, 7)]
+    ids = np.array([0, 2, 3, 4, 6])
+    blocks = list(inference._row_blocks(graph, ids, max_rows=2, max_edges=3))
+    # Blocks of consecutive ids are ranges, others arrays of ids.
+    assert [(start, rows.start, rows.stop) for start, rows in blocks] == [
+        (0, 0, 1), (1, 2, 3), (2, 3, 5), (4, 6, 7)]
+    (_, first), (_, second) = inference._row_blocks(graph, np.array([0, 3, 5, 6]), max_rows=2)
+    np.testing.assert_array_equal(first, [0, 3])
+    assert (second.start, second.stop) == (5, 7)
