@@ -297,17 +297,20 @@ def step():  # activations of several sizes alive together, then freed, as in a 
     held.append(torch.cat(held[:2]))
 for _ in range(3):
     step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+faults = []
 for _ in range(20):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sorted(faults)[len(faults) // 2])  # the median step: robust to a stray kernel sweep
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_training_reuses_freed_host_memory_without_page_faults() -> None:
     """Steps that touch ~13,000 pages fault none in once the allocator keeps freed memory
-    (glibc's default unmaps and faults in again ~200 pages per step here)."""
+    (glibc's default unmaps and faults in again ~200 pages per step here). The median step is
+    compared: the kernel may now and then reclaim or compact pages under one step."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
     out = subprocess.run([sys.executable, "-c", FAULTS_PER_STEP], env=env, check=True,
                          capture_output=True, text=True).stdout.split()
