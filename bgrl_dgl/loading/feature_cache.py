@@ -165,12 +165,6 @@ def cached_row_count(store: "GraphStore", budget: int) -> int:
     return count
 
 
-def check_cache_budget(store: "GraphStore", budget: int) -> None:
-    """InputError unless ``budget`` is 0 (no cache) or holds at least one feature row."""
-    if budget:
-        cached_row_count(store, budget)
-
-
 def cache_plan(store: "GraphStore", budget: int, policy: CachePolicy, *, fanouts: list[int],
                seed_nodes: np.ndarray, batch_size: int, seed: int,
                root: Path | None = None) -> tuple[Path, dict[str, Any]]:

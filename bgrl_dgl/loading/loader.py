@@ -296,9 +296,10 @@ def _exit_when_gone(pid: int, handle: int | None) -> None:
 
 def check_training_cache(store: GraphStore, config: SamplingConfig, seed_nodes: np.ndarray,
                          seed: int) -> None:
-    """InputError when something other than this user's cache of the run's settings sits
-    under the name of the training run's feature cache (none when ``config.cache_bytes`` is
-    0); called before the run writes anything."""
+    """InputError when ``config.cache_bytes`` holds no feature row, or when something other
+    than this user's cache of the run's settings sits under the name of the training run's
+    feature cache (no check when ``config.cache_bytes`` is 0); called before the run writes
+    anything."""
     if config.cache_bytes:
         check_found_cache(store, config.cache_bytes, config.cache_policy,
                           fanouts=config.fanouts, seed_nodes=seed_nodes,

@@ -29,7 +29,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from bgrl_dgl import config as cfg
 from bgrl_dgl.errors import InputError, RunError
-from bgrl_dgl.loading.feature_cache import check_cache_budget
 from bgrl_dgl.loading.loader import (
     BatchLoader,
     SeedSchedule,
@@ -337,7 +336,6 @@ def train(data: str | Path, run_dir: str | Path, config: TrainConfig, *, resume:
     with process_group(world, device), RunLock(run_dir) as lock:
         # Built before the run directory is created, so that bad settings leave nothing behind.
         trainer, schedule = build_trainer(config, store, run_dir, device, world)
-        check_cache_budget(store, config.sampling.cache_bytes)
         check_training_cache(store, config.sampling, schedule.seed_nodes, config.run.seed)
         check_tensorboard(config.run.tensorboard if world.is_main else None)
         resumed = resume_state(run_dir, resume or world.restart_count > 0, world, lock)
