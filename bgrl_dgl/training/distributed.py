@@ -14,6 +14,7 @@ between the ranks' targets, which must stay exactly 0.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
 from dataclasses import dataclass
@@ -123,7 +124,12 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
                             timeout=COLLECTIVE_TIMEOUT)
     try:
         yield
+        # No rank tears down while a peer still has a collective in flight.
+        dist.barrier()
     finally:
+        # DDP holds the group too: whatever still refers to it is freed now, so that its
+        # threads stop while the interpreter is alive (not at shutdown, where they abort).
+        gc.collect()
         dist.destroy_process_group()
 
 

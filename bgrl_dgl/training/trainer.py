@@ -128,10 +128,11 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.trainable_parameters(),
                                            lr=config.optim.peak_lr(world.world_size),
                                            weight_decay=config.optim.weight_decay)
-        warmup_steps = config.optim.warmup(self.total_steps)
+        # The schedule closes over numbers, not over the trainer: a reference cycle would keep
+        # the DDP branch, and with it the process group, alive until interpreter shutdown.
+        total_steps, warmup_steps = self.total_steps, config.optim.warmup(self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda step: lr_factor(step, warmup_steps, self.total_steps))
+            self.optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
         self.step = 0
         run = config.run
         self.checkpointer = Checkpointer(run_dir, run.checkpoint_every, world.is_main)
@@ -332,26 +333,35 @@ def train(data: str | Path, run_dir: str | Path, config: TrainConfig, *, resume:
     run_dir = Path(run_dir)
     store = GraphStore.open(data)
     device = process_device(config.run.device, world)
-    # Rank 0 holds the run's lock from before its first write until train() returns.
+    # Rank 0 holds the run's lock from before its first write until train() returns. The
+    # trainer lives in a function of its own, so it is gone before the group is left.
     with process_group(world, device), RunLock(run_dir) as lock:
-        # Built before the run directory is created, so that bad settings leave nothing behind.
-        trainer, schedule = build_trainer(config, store, run_dir, device, world)
-        check_training_cache(store, config.sampling, schedule.seed_nodes, config.run.seed)
-        check_tensorboard(config.run.tensorboard if world.is_main else None)
-        resumed = resume_state(run_dir, resume or world.restart_count > 0, world, lock)
-        if resumed is not None:
-            trainer.load_state(resumed[1], resumed[0])
-        if trainer.is_main:
-            # The metrics first: they are checked before anything is written.
-            truncate_metrics(run_dir / METRICS_FILE, trainer.step)
-            write_run_files(run_dir, config, RunInfo(Path(data).resolve(), store.feat_dim,
-                                                     store.num_nodes, world.world_size))
-        if trainer.step >= trainer.total_steps:
-            return {}
-        # Built before the loader starts its workers, which attach to it by its path.
-        with training_cache(store, config.sampling, schedule.seed_nodes,
-                            config.run.seed) as cache:
-            cache_dir = None if cache is None else cache.directory
-            return trainer.fit(batch_loader(config, store, schedule, device, cache_dir))
+        return _train_in_group(Path(data), run_dir, config, store, device, world, lock,
+                               resume)
+
+
+def _train_in_group(data: Path, run_dir: Path, config: TrainConfig, store: GraphStore,
+                    device: torch.device, world: World, lock: RunLock,
+                    resume: bool) -> dict[str, float]:
+    """The body of :func:`train`, inside the process group and the run's lock."""
+    # Built before the run directory is created, so that bad settings leave nothing behind.
+    trainer, schedule = build_trainer(config, store, run_dir, device, world)
+    check_training_cache(store, config.sampling, schedule.seed_nodes, config.run.seed)
+    check_tensorboard(config.run.tensorboard if world.is_main else None)
+    resumed = resume_state(run_dir, resume or world.restart_count > 0, world, lock)
+    if resumed is not None:
+        trainer.load_state(resumed[1], resumed[0])
+    if trainer.is_main:
+        # The metrics first: they are checked before anything is written.
+        truncate_metrics(run_dir / METRICS_FILE, trainer.step)
+        write_run_files(run_dir, config, RunInfo(data.resolve(), store.feat_dim,
+                                                 store.num_nodes, world.world_size))
+    if trainer.step >= trainer.total_steps:
+        return {}
+    # Built before the loader starts its workers, which attach to it by its path.
+    with training_cache(store, config.sampling, schedule.seed_nodes,
+                        config.run.seed) as cache:
+        cache_dir = None if cache is None else cache.directory
+        return trainer.fit(batch_loader(config, store, schedule, device, cache_dir))
 
 
