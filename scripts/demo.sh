@@ -3,15 +3,17 @@
 # default settings -> embed every node with the trained encoder and with the same encoder
 # untrained (Parquet) -> linear probe of both, and of the raw features, on the public split
 # -> report: the accuracies, the training time and one PNG of the run.
-# Each command's own output goes to RUN/demo.log; the progress bar of training shows on a
-# terminal. The synthetic scale demo is scripts/demo_scale.sh (make demo-scale).
+# Each command's own output goes to RUN.log beside the run; the progress bar of training shows
+# on a terminal. The synthetic scale demo is scripts/demo_scale.sh (make demo-scale).
+# DEMO_DATA and DEMO_RUNS move the store and the runs folder; DEMO_TRAIN_FLAGS adds flags to
+# `train` (the tests run a short demo with them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
-DATA=data/demo-cora
-RUN=runs/demo-cora-$(date +%Y%m%d-%H%M%S)
-LOG=$RUN/demo.log
-mkdir -p "$RUN"
+DATA=${DEMO_DATA:-data/demo-cora}
+RUN=${DEMO_RUNS:-runs}/demo-cora-$(date +%Y%m%d-%H%M%S)
+LOG=$RUN.log
+mkdir -p "$(dirname "$RUN")"
 : > "$LOG"
 started=$SECONDS
 
@@ -44,7 +46,9 @@ if [ ! -f "$DATA/meta.json" ]; then
 else
   echo "[1/5] prepare the store: $DATA is ready"
 fi
-SHOW_STDERR=1 step "[2/5] train BGRL with the default settings" train --data "$DATA" --out "$RUN"
+# shellcheck disable=SC2086  # DEMO_TRAIN_FLAGS is a list of flags
+SHOW_STDERR=1 step "[2/5] train BGRL with the default settings" train --data "$DATA" --out "$RUN" \
+  ${DEMO_TRAIN_FLAGS:-}
 echo "[3/5] embed every node into Parquet: the trained encoder, and the same encoder untrained"
 for encoder in online random; do
   step "" embed --run "$RUN" --encoder "$encoder" --out "$RUN/embeddings-$encoder"

@@ -16,7 +16,13 @@ import numpy as np
 
 from bgrl_dgl.embeddings.layer_progress import embed_store_with_progress
 from bgrl_dgl.embeddings.parquet import open_export, read_embeddings
-from bgrl_dgl.embeddings.probe import ProbeSummary, linear_probe, random_split_probe, summarize
+from bgrl_dgl.embeddings.probe import (
+    ProbeSummary,
+    Scaling,
+    linear_probe,
+    random_split_probe,
+    summarize,
+)
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.progress import progress_bar
 from bgrl_dgl.runs import EncoderName, load_encoder, load_run_config
@@ -59,11 +65,15 @@ class ProbeTask:
             raise InputError(store.path, "has no labelled nodes to evaluate with")
         return cls(nodes, labels[nodes], local)
 
-    def run(self, embeddings: np.ndarray, num_splits: int, seed: int) -> ProbeSummary:
-        """Fit the probe on ``embeddings`` [M, D] (rows of ``nodes``)."""
+    def run(self, embeddings: np.ndarray, num_splits: int, seed: int,
+            scaling: Scaling = "standardise") -> ProbeSummary:
+        """Fit the probe on ``embeddings`` [M, D] (rows of ``nodes``), scaled by
+        ``scaling`` (see :func:`linear_probe`)."""
         if self.local_splits is None:
-            return random_split_probe(embeddings, self.labels, num_splits, seed=seed)
-        return summarize([linear_probe(embeddings, self.labels, self.local_splits)])
+            return random_split_probe(embeddings, self.labels, num_splits, seed=seed,
+                                      scaling=scaling)
+        return summarize([linear_probe(embeddings, self.labels, self.local_splits,
+                                       scaling=scaling)])
 
 
 def check_num_splits(num_splits: int) -> None:
@@ -93,11 +103,13 @@ def _describe_store(path: str | None, num_nodes: int, num_edges: int, created: A
 
 
 def probe_store(store: GraphStore, rows_of: Callable[[np.ndarray], np.ndarray],
-                splits: SplitMode, num_splits: int, seed: int) -> tuple[ProbeSummary, int]:
+                splits: SplitMode, num_splits: int, seed: int,
+                scaling: Scaling = "standardise") -> tuple[ProbeSummary, int]:
     """The probe protocol on ``store``'s labels.
 
     Args:
         rows_of: maps ascending node ids [M] to their embeddings [M, D].
+        scaling: how rows are scaled before the probe (see :func:`linear_probe`).
 
     Returns:
         The probe summary and the number of labelled nodes it read.
@@ -105,7 +117,7 @@ def probe_store(store: GraphStore, rows_of: Callable[[np.ndarray], np.ndarray],
     task = ProbeTask.of_store(store, splits, num_splits)
     embeddings = rows_of(task.nodes)
     try:
-        return task.run(embeddings, num_splits, seed), task.nodes.size
+        return task.run(embeddings, num_splits, seed, scaling), task.nodes.size
     except ValueError as err:
         raise InputError(store.path, str(err)) from None
 
@@ -160,7 +172,8 @@ def evaluate_raw_features(data: str | os.PathLike | None = None,
                           run: str | os.PathLike | None = None, *, splits: SplitMode = "public",
                           num_splits: int = 20, seed: int = 0) -> dict[str, Any]:
     """Probe the store's own node features (the store ``data``, or the one ``run`` trained
-    on): the baseline that shows what the graph and the training add.
+    on): the baseline that shows what the graph and the training add. The rows are scaled to
+    unit length (not standardised as embeddings are; see :mod:`bgrl_dgl.embeddings.probe`).
 
     Returns:
         A JSON-ready summary (see :func:`evaluation_record`), encoder ``raw-features``.
@@ -171,7 +184,7 @@ def evaluate_raw_features(data: str | os.PathLike | None = None,
         data = load_run_config(run)[1].data
     store = GraphStore.open(data)
     summary, num_labelled = probe_store(store, lambda nodes: feature_rows(store, nodes),
-                                        splits, num_splits, seed)
+                                        splits, num_splits, seed, scaling="unit-rows")
     return evaluation_record(store, splits, summary, num_labelled, encoder="raw-features",
                              step=0, embeddings=None)
 

@@ -7,8 +7,11 @@ softmax classifier scored by accuracy; multi-label tasks (labels [N, C] 0/1, row
 negative entry = unlabelled) use one sigmoid per class scored by micro-F1.
 
 Embeddings are standardised per dimension with the train split's mean and standard deviation
-(BGRL's reference code L2-normalises rows instead; standardising keeps every dimension on
-the same scale, so one weight-decay grid suits embeddings of any scale or width).
+(standardising keeps every dimension on the same scale, so one weight-decay grid suits
+embeddings of any scale or width). Raw input features are scaled to unit-length rows instead,
+as BGRL's reference code does: standardising sparse bag-of-words columns with the statistics of
+a small train split blows rare words up (Cora's public split: 52.9 standardised, 60.3 with
+unit rows).
 
 Each problem is convex and solved from the same start, full batch, by L-BFGS with a
 strong-Wolfe line search, so results depend only on the inputs. The grid is solved from the
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +30,8 @@ import torch.nn.functional as F
 
 from bgrl_dgl.progress import progress_bar
 from bgrl_dgl.splits import DEFAULT_FRACTIONS, SPLIT_NAMES, stratified_split
+
+Scaling = Literal["standardise", "unit-rows"]
 
 # Per-sample loss + weight_decay / 2 * ||W||^2; 2^-15 (almost unregularised) .. 2^3 (close to
 # the majority-class predictor on standardised embeddings).
@@ -99,7 +104,8 @@ _MULTI_LABEL = _Task("micro_f1", _multilabel_loss, _micro_f1)
 def linear_probe(embeddings: np.ndarray | torch.Tensor, labels: np.ndarray,
                  splits: dict[str, np.ndarray], *,
                  weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS, max_iter: int = 200,
-                 device: torch.device | str = "cpu") -> ProbeResult:
+                 device: torch.device | str = "cpu",
+                 scaling: Scaling = "standardise") -> ProbeResult:
     """Fit the probe on ``splits["train"]`` per weight decay, choose on ``splits["valid"]``,
     report on ``splits["test"]``.
 
@@ -107,8 +113,9 @@ def linear_probe(embeddings: np.ndarray | torch.Tensor, labels: np.ndarray,
     are read). ``labels``: [N] integer class ids (-1 = unlabelled) or [N, C] 0/1 multi-label
     (a row with a negative entry = unlabelled). ``splits``: node ids [n] per split;
     unlabelled nodes in a split are dropped. ``max_iter``: L-BFGS iterations per weight
-    decay. ``device``: where the probe is trained. On equal validation scores the stronger
-    weight decay wins.
+    decay. ``device``: where the probe is trained. ``scaling``: ``standardise`` (each
+    dimension with train statistics) or ``unit-rows`` (each row to unit L2 norm). On equal
+    validation scores the stronger weight decay wins.
 
     Raises ValueError on inconsistent shapes, ids out of range, a split without labelled
     nodes, non-finite embeddings of split nodes or a bad grid.
@@ -120,7 +127,12 @@ def linear_probe(embeddings: np.ndarray | torch.Tensor, labels: np.ndarray,
     labels, labelled = _check_labels(labels, num_nodes)
     ids = _labelled_split_ids(splits, labelled)
     task = _MULTI_LABEL if labels.ndim == 2 else _SINGLE_LABEL
-    x = _standardised_rows(embeddings, ids, device)
+    if scaling == "unit-rows":
+        x = _unit_rows(embeddings, ids, device)
+    elif scaling == "standardise":
+        x = _standardised_rows(embeddings, ids, device)
+    else:
+        raise ValueError(f"unknown scaling {scaling!r}")
     y = {name: _targets(labels, rows, device) for name, rows in ids.items()}
     num_classes = labels.shape[1] if labels.ndim == 2 else 1 + max(int(t.max()) for t in y.values())
 
@@ -227,14 +239,29 @@ def _labelled_split_ids(splits: dict[str, np.ndarray], labelled: np.ndarray) -> 
     return ids
 
 
-def _standardised_rows(embeddings: np.ndarray | torch.Tensor, ids: dict[str, np.ndarray],
-                       device: torch.device | str) -> dict[str, torch.Tensor]:
-    """Rows of each split [n, D] float32 on ``device``, standardised with train statistics
-    (dimensions constant over the train split are only centred)."""
+def _finite_rows(embeddings: np.ndarray | torch.Tensor, ids: dict[str, np.ndarray],
+                 device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Rows of each split [n, D] float32 on ``device``; ValueError on NaN or infinity."""
     rows = {name: _float_rows(embeddings, nodes).to(device) for name, nodes in ids.items()}
     for name, x in rows.items():
         if not torch.isfinite(x).all():
             raise ValueError(f"embeddings of split {name!r} contain NaN or infinity")
+    return rows
+
+
+def _unit_rows(embeddings: np.ndarray | torch.Tensor, ids: dict[str, np.ndarray],
+               device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Rows of each split [n, D] float32 on ``device``, scaled to unit L2 norm (zero rows
+    stay zero)."""
+    return {name: F.normalize(x, dim=1)
+            for name, x in _finite_rows(embeddings, ids, device).items()}
+
+
+def _standardised_rows(embeddings: np.ndarray | torch.Tensor, ids: dict[str, np.ndarray],
+                       device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Rows of each split [n, D] float32 on ``device``, standardised with train statistics
+    (dimensions constant over the train split are only centred)."""
+    rows = _finite_rows(embeddings, ids, device)
     mean = rows["train"].mean(dim=0)
     std = rows["train"].std(dim=0, unbiased=False)
     std = torch.where(std > 0, std, torch.ones_like(std))

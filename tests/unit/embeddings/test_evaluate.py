@@ -176,8 +176,41 @@ def test_bad_inputs_raise_value_error(change, message):
         linear_probe(*change(embeddings, labels, splits))
 
 
+def test_unit_rows_ignore_each_row_s_length_and_standardising_each_column_s_scale():
+    embeddings, labels = blobs(400, 12, 3, separation=0.6)
+    splits = stratified_split(labels, FRACTIONS, 2)
+    lengths = np.random.default_rng(5).uniform(0.1, 10.0, size=(400, 1)).astype(np.float32)
+    scales = np.random.default_rng(6).uniform(0.1, 10.0, size=(1, 12)).astype(np.float32)
+    unit, unit_scaled = (linear_probe(x, labels, splits, scaling="unit-rows")
+                         for x in (embeddings, embeddings * lengths))
+    standard, standard_scaled = (linear_probe(x, labels, splits)
+                                 for x in (embeddings, embeddings * scales))
+    assert unit.test_acc == pytest.approx(unit_scaled.test_acc, abs=1e-3)
+    assert standard.test_acc == pytest.approx(standard_scaled.test_acc, abs=1e-3)
+    # Scaled rows do change what standardising sees: the two scalings are different maps.
+    assert linear_probe(embeddings * lengths, labels, splits).val_by_decay != unit.val_by_decay
+
+
+def test_unit_rows_keep_rare_sparse_columns_from_dominating():
+    """Bag-of-words rows: a column set in one train row gets a tiny train std, which
+    standardising turns into a huge weight for the test rows that also have it."""
+    rng = np.random.default_rng(0)
+    num_nodes, topic_words, rare_words = 1200, 40, 400
+    labels = rng.integers(0, 2, num_nodes)
+    topic = rng.random((num_nodes, topic_words)) < 0.05
+    topic[:, : topic_words // 2] &= (labels == 0)[:, None]
+    topic[:, topic_words // 2:] &= (labels == 1)[:, None]
+    rare = rng.random((num_nodes, rare_words)) < 0.02
+    features = np.concatenate([topic, rare], axis=1).astype(np.float32)
+    splits = stratified_split(labels, (0.03, 0.2, 0.77), 0)
+    unit = linear_probe(features, labels, splits, scaling="unit-rows")
+    standard = linear_probe(features, labels, splits)
+    assert unit.test_acc > standard.test_acc
+
+
 @pytest.mark.parametrize("kwargs", [{"weight_decays": []}, {"weight_decays": [-1.0]},
-                                    {"weight_decays": [float("nan")]}, {"max_iter": 0}])
+                                    {"weight_decays": [float("nan")]}, {"max_iter": 0},
+                                    {"scaling": "whiten"}])
 def test_bad_options_raise_value_error(kwargs):
     embeddings, labels = blobs(100, 4, 2, separation=1.0)
     with pytest.raises(ValueError):
