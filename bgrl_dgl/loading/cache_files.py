@@ -11,12 +11,15 @@ into place when complete.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import shutil
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 
@@ -139,6 +142,55 @@ def open_cache_files(directory: Path,
     rows = map_array(directory / ROWS_FILE, dtype, (shape["rows"], shape["feat_dim"]))
     slots = map_array(directory / SLOTS_FILE, np.dtype(np.int32), (shape["num_nodes"],))
     return meta, rows, slots
+
+
+def lock_path(directory: Path) -> Path:
+    """The lock file of the writers of the cache ``directory``, beside it."""
+    return directory.with_name(directory.name + ".lock")
+
+
+@contextlib.contextmanager
+def writer_lock(directory: Path) -> Iterator[None]:
+    """Hold the lock of the writers of the cache ``directory`` for the block.
+
+    The lock is a private file of this user beside the directory (created mode 0600, opened
+    without following links): another user can neither hold it (which would make this
+    user's runs wait forever) nor plant it (refused like any planted cache file). Its owner
+    deletes it with the cache (:func:`remove_cache`), so a process that waited on a lock file
+    deleted meanwhile takes the new one instead.
+    """
+    path = lock_path(directory)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as err:  # ELOOP: a symbolic link
+            raise not_a_cache(path, "a symbolic link" if os.path.islink(path)
+                              else err.strerror or str(err)) from None
+        try:
+            check_private(path, os.fstat(fd), "file")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = os.lstat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if current:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_cache(directory: Path) -> None:
+    """Delete the cache ``directory`` and its lock file (by its owner, under the lock)."""
+    with writer_lock(directory):
+        shutil.rmtree(directory, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock_path(directory))
 
 
 def private_temp_dir(directory: Path) -> Path:

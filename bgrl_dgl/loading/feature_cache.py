@@ -49,7 +49,6 @@ context; registering the whole cache would pin gigabytes that are never copied a
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -73,7 +72,9 @@ from bgrl_dgl.loading.cache_files import (
     open_cache_files,
     owner_record,
     private_temp_dir,
+    remove_cache,
     seal,
+    writer_lock,
 )
 from bgrl_dgl.loading.sampler import BlockSampler
 from bgrl_dgl.store.format import NpyWriter
@@ -220,9 +221,8 @@ class FeatureCache:
         directory, expected = cache_plan(store, budget, policy, fanouts=fanouts,
                                          seed_nodes=seed_nodes, batch_size=batch_size,
                                          seed=seed, root=root)
-        # One writer per store at a time: the others wait, then attach to what it wrote.
-        with open(store.array_path("features"), "rb") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        # One writer per cache at a time: the others wait, then attach to what it wrote.
+        with writer_lock(directory):
             # A dead writer's temp directories (this user's only: others' are not ours).
             remove_stale_temp_files(directory.parent, user_prefix(), own_only=True)
             if os.path.lexists(directory):
@@ -270,7 +270,7 @@ class FeatureCache:
         del self.rows, self.slot_of
         self.closed = True
         if self.owner:
-            shutil.rmtree(self.directory, ignore_errors=True)
+            remove_cache(self.directory)
 
     def __enter__(self) -> "FeatureCache":
         return self

@@ -8,6 +8,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 from bgrl_dgl.cli import main
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.io import process_start_time, temp_path
-from bgrl_dgl.loading.cache_files import ROWS_FILE, SLOTS_FILE
+from bgrl_dgl.loading.cache_files import ROWS_FILE, SLOTS_FILE, lock_path
 from bgrl_dgl.loading.feature_cache import FeatureCache, cache_directory, cache_identity
 from bgrl_dgl.store.reader import GraphStore
 
@@ -119,6 +120,57 @@ def test_stale_temp_directories_of_other_users_are_left_alone(store, tmp_path) -
     os.chown(theirs, OTHER_UID, OTHER_UID)
     FeatureCache.build(store, budget_of(store), root=tmp_path).close()
     assert theirs.exists() and not mine.exists()
+
+
+def test_a_lock_held_on_the_store_s_files_by_anyone_else_does_not_block_the_build(
+        store, tmp_path) -> None:
+    """Writers lock a private file of their own user: another user's flock on the shared
+    features file (which anyone who can read it may take) no longer makes a run wait."""
+    holder = subprocess.Popen(
+        ["python3", "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'rb'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+         str(store.array_path("features"))], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        done = threading.Event()
+        worker = threading.Thread(target=lambda: (FeatureCache.build(
+            store, budget_of(store), root=tmp_path).close(), done.set()), daemon=True)
+        worker.start()
+        worker.join(timeout=60)
+        assert done.is_set()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_the_owner_removes_the_lock_file_with_the_cache(store, tmp_path) -> None:
+    with FeatureCache.build(store, budget_of(store), root=tmp_path) as cache:
+        lock = lock_path(cache.directory)
+        info = os.lstat(lock)
+        assert stat.S_ISREG(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600
+        with FeatureCache.build(store, budget_of(store), root=tmp_path) as second:
+            assert not second.owner  # waited on the lock, then attached
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_a_symbolic_link_at_the_lock_name_is_refused(store, tmp_path) -> None:
+    directory = cache_directory(store, budget_of(store), "degree", {}, tmp_path)
+    target = tmp_path / "elsewhere"
+    target.write_text("")
+    lock_path(directory).symlink_to(target)
+    refused(store, tmp_path, str(lock_path(directory)), "a symbolic link")
+    assert not directory.exists() and target.read_text() == ""
+
+
+@needs_root
+def test_another_users_lock_file_is_refused(store, tmp_path) -> None:
+    directory = cache_directory(store, budget_of(store), "degree", {}, tmp_path)
+    lock = lock_path(directory)
+    lock.write_text("")
+    lock.chmod(0o600)
+    os.chown(lock, OTHER_UID, OTHER_UID)
+    refused(store, tmp_path, str(lock), f"owned by uid {OTHER_UID}")
+    assert not directory.exists() and os.lstat(lock).st_uid == OTHER_UID
 
 
 # ---- what a build refuses --------------------------------------------------------------------
