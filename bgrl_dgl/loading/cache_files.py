@@ -19,7 +19,7 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import numpy as np
 
@@ -33,83 +33,89 @@ CACHE_FILES = (ROWS_FILE, SLOTS_FILE, META_FILE)
 MAX_META_BYTES = 1 << 16
 
 
+# Makes the error for a path that is refused (see :func:`not_a_cache`).
+Refusal = Callable[[Path, str], InputError]
+
+
 def not_a_cache(path: Path, why: str) -> InputError:
     """The error for a path that must not be used as this user's cache."""
     return InputError(path, f"not a feature cache of this user ({why}); remove it, or train "
                             "without a feature cache (--cache-bytes 0)")
 
 
-def check_private(path: Path, info: os.stat_result, kind: str) -> None:
-    """InputError unless ``info`` (an lstat/fstat of ``path``) is a ``kind`` ('directory' or
-    'file') owned by this user that no other user may write."""
+def check_private(path: Path, info: os.stat_result, kind: str,
+                  refuse: Refusal = not_a_cache) -> None:
+    """InputError (made by ``refuse``) unless ``info`` (an lstat/fstat of ``path``) is a
+    ``kind`` ('directory' or 'file') owned by this user that no other user may write."""
     is_kind = stat.S_ISDIR if kind == "directory" else stat.S_ISREG
     if stat.S_ISLNK(info.st_mode):
-        raise not_a_cache(path, "a symbolic link")
+        raise refuse(path, "a symbolic link")
     if not is_kind(info.st_mode):
-        raise not_a_cache(path, f"not a regular {kind}" if kind == "file" else "not a directory")
+        raise refuse(path, f"not a regular {kind}" if kind == "file" else "not a directory")
     if info.st_uid != os.getuid():
-        raise not_a_cache(path, f"owned by uid {info.st_uid}, not by this user (uid {os.getuid()})")
+        raise refuse(path, f"owned by uid {info.st_uid}, not by this user (uid {os.getuid()})")
     if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise not_a_cache(path, f"mode {stat.S_IMODE(info.st_mode):o} lets other users write it")
+        raise refuse(path, f"mode {stat.S_IMODE(info.st_mode):o} lets other users write it")
 
 
-def check_directory(directory: Path) -> None:
+def check_directory(directory: Path, refuse: Refusal = not_a_cache) -> None:
     """InputError unless ``directory`` is this user's private directory (not a link)."""
     try:
         info = os.lstat(directory)
     except FileNotFoundError:  # e.g. removed by its owner meanwhile
         raise InputError(directory, "no such feature cache directory") from None
-    check_private(directory, info, "directory")
+    check_private(directory, info, "directory", refuse)
 
 
-def open_private(path: Path) -> BinaryIO:
+def open_private(path: Path, refuse: Refusal = not_a_cache) -> BinaryIO:
     """``path`` opened for reading without following a symbolic link; InputError unless it is
     a regular file of this user that no other user may write."""
     try:
         handle = open(path, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NOFOLLOW))
     except FileNotFoundError:
-        raise not_a_cache(path, "missing") from None
+        raise refuse(path, "missing") from None
     except OSError as err:  # ELOOP: a symbolic link
-        raise not_a_cache(path, "a symbolic link" if os.path.islink(path) else str(err)) from None
+        raise refuse(path, "a symbolic link" if os.path.islink(path) else str(err)) from None
     try:
-        check_private(path, os.fstat(handle.fileno()), "file")
+        check_private(path, os.fstat(handle.fileno()), "file", refuse)
     except BaseException:
         handle.close()
         raise
     return handle
 
 
-def map_array(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.memmap:
+def map_array(path: Path, dtype: np.dtype, shape: tuple[int, ...],
+              refuse: Refusal = not_a_cache) -> np.memmap:
     """The .npy file ``path`` memory-mapped read-only; InputError unless it is a private file
     (see :func:`open_private`) holding a C-order ``dtype`` array of ``shape``."""
-    with open_private(path) as handle:
+    with open_private(path, refuse) as handle:
         try:
             found_shape, found_dtype, fortran = parse_npy_header(handle)
         except (ValueError, EOFError, SyntaxError) as err:
-            raise not_a_cache(path, f"not a .npy file: {err}") from None
+            raise refuse(path, f"not a .npy file: {err}") from None
         if found_dtype != dtype or found_shape != shape or fortran:
-            raise not_a_cache(path, f"holds {found_dtype} {list(found_shape)}, expected "
+            raise refuse(path, f"holds {found_dtype} {list(found_shape)}, expected "
                                     f"{np.dtype(dtype)} {list(shape)}")
         offset = handle.tell()
         if os.fstat(handle.fileno()).st_size < offset + int(np.prod(shape)) * dtype.itemsize:
-            raise not_a_cache(path, "shorter than its header says")
+            raise refuse(path, "shorter than its header says")
         return np.memmap(handle, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
-def read_meta(directory: Path) -> dict[str, Any]:
+def read_meta(directory: Path, refuse: Refusal = not_a_cache) -> dict[str, Any]:
     """The JSON object in ``directory/meta.json`` (a private file); InputError when it is
     anything else."""
     path = directory / META_FILE
-    with open_private(path) as handle:
+    with open_private(path, refuse) as handle:
         data = handle.read(MAX_META_BYTES + 1)
     if len(data) > MAX_META_BYTES:
-        raise not_a_cache(path, f"over {MAX_META_BYTES} bytes")
+        raise refuse(path, f"over {MAX_META_BYTES} bytes")
     try:
         meta = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise not_a_cache(path, f"not JSON: {err}") from None
+        raise refuse(path, f"not JSON: {err}") from None
     if not isinstance(meta, dict):
-        raise not_a_cache(path, "not a JSON object")
+        raise refuse(path, "not a JSON object")
     return meta
 
 

@@ -104,25 +104,27 @@ def top_nodes(scores: np.ndarray, count: int) -> np.ndarray:
     return np.sort(np.argpartition(scores, cut)[cut:]).astype(np.int64)
 
 
-def count_sampled_inputs(graph: dgl.DGLGraph, fanouts: list[int], seed_nodes: np.ndarray,
+def count_sampled_inputs(graph: dgl.DGLGraph, fanouts: list[int], seed_nodes: np.ndarray | None,
                          batch_size: int, num_batches: int, seed: int) -> np.ndarray:
     """How often each node is an input node of ``num_batches`` sampled batches: [N] int64.
 
-    Each batch's seeds are drawn from ``seed_nodes`` at random (repeats dropped), so no
-    permutation of a possibly huge seed array is needed.
+    Each batch's seeds are drawn from ``seed_nodes`` (None: every node) at random (repeats
+    dropped), so no permutation of a possibly huge seed array is needed.
     """
     sampler = BlockSampler(graph, fanouts)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xCAC4E]))
     inputs = []
+    num_seeds = graph.num_nodes() if seed_nodes is None else len(seed_nodes)
     for _ in range(num_batches):
-        seeds = np.unique(seed_nodes[rng.integers(0, len(seed_nodes), size=batch_size)])
+        positions = rng.integers(0, num_seeds, size=batch_size)
+        seeds = np.unique(positions if seed_nodes is None else seed_nodes[positions])
         input_nodes, _ = sampler.sample(torch.from_numpy(seeds), int(rng.integers(2**31)))
         inputs.append(input_nodes.numpy())
     return np.bincount(np.concatenate(inputs), minlength=graph.num_nodes())
 
 
 def hot_nodes(store: "GraphStore", count: int, policy: CachePolicy, *, fanouts: list[int],
-              seed_nodes: np.ndarray, batch_size: int, seed: int) -> np.ndarray:
+              seed_nodes: np.ndarray | None, batch_size: int, seed: int) -> np.ndarray:
     """The ``count`` nodes whose rows the cache holds under ``policy``: ascending int64 ids."""
     degrees = store.in_degrees()
     if policy == "degree":
@@ -166,16 +168,27 @@ def cached_row_count(store: "GraphStore", budget: int) -> int:
     return count
 
 
+def seed_digest(seed_nodes: np.ndarray | None, num_nodes: int, chunk: int = 1 << 22) -> str:
+    """16 hex digits of the int64 bytes of ``seed_nodes`` (None: 0..num_nodes-1, hashed in
+    chunks of ``chunk`` ids without making the array)."""
+    digest = hashlib.blake2b(digest_size=8)
+    if seed_nodes is not None:
+        digest.update(np.ascontiguousarray(seed_nodes, dtype=np.int64).data)
+    else:
+        for start in range(0, num_nodes, chunk):
+            digest.update(np.arange(start, min(start + chunk, num_nodes), dtype=np.int64).data)
+    return digest.hexdigest()
+
+
 def cache_plan(store: "GraphStore", budget: int, policy: CachePolicy, *, fanouts: list[int],
-               seed_nodes: np.ndarray, batch_size: int, seed: int,
+               seed_nodes: np.ndarray | None, batch_size: int, seed: int,
                root: Path | None = None) -> tuple[Path, dict[str, Any]]:
     """Where this user's cache of these settings lives, and what its meta.json records
     (besides the owner); the arguments are those of :meth:`FeatureCache.build`."""
     extra: dict[str, Any] = {}
     if policy == "sampled":
-        digest = hashlib.blake2b(np.ascontiguousarray(seed_nodes).data, digest_size=8)
         extra = {"fanouts": list(fanouts), "batch_size": batch_size, "seed": seed,
-                 "seed_nodes": digest.hexdigest()}
+                 "seed_nodes": seed_digest(seed_nodes, store.num_nodes)}
     directory = cache_directory(store, budget, policy, extra, root)
     count = cached_row_count(store, budget)
     return directory, {**cache_identity(store, count), "policy": policy, "budget": budget,
@@ -212,12 +225,10 @@ class FeatureCache:
 
         Written by this process unless it exists already; ``fanouts``, ``seed_nodes``,
         ``batch_size`` and ``seed`` drive the sampling pass of the ``sampled`` policy
-        (default: fanouts [10, 10] over all nodes). InputError when a directory under its
-        name is not this user's cache of these settings.
+        (default: fanouts [10, 10]; ``seed_nodes`` None: every node). InputError when a
+        directory under its name is not this user's cache of these settings.
         """
         fanouts = [10, 10] if fanouts is None else list(fanouts)
-        if seed_nodes is None:
-            seed_nodes = np.arange(store.num_nodes, dtype=np.int64)
         directory, expected = cache_plan(store, budget, policy, fanouts=fanouts,
                                          seed_nodes=seed_nodes, batch_size=batch_size,
                                          seed=seed, root=root)
@@ -320,7 +331,8 @@ def write_cache(directory: Path, store: "GraphStore", ids: np.ndarray,
 
 
 def check_found_cache(store: "GraphStore", budget: int, policy: CachePolicy, *,
-                      fanouts: list[int], seed_nodes: np.ndarray, batch_size: int, seed: int,
+                      fanouts: list[int], seed_nodes: np.ndarray | None, batch_size: int,
+                      seed: int,
                       root: Path | None = None) -> None:
     """InputError when something that is not this user's cache of these settings (those of
     :meth:`FeatureCache.build`) sits under its name: checked before a run writes anything;

@@ -8,6 +8,11 @@ memory-mapped store. Sampling and gathering run in DataLoader worker processes (
 so they overlap with compute. Every batch is sampled from its own seed, derived from
 (run seed, epoch, batch index), so the batches do not depend on the number of workers and a
 resumed run sees exactly the batches an uninterrupted one would.
+
+Workers hold nothing as long as the graph: the training process cuts each step's seeds out of
+the epoch's order and hands a worker just those, with the step's sampling seed; the order
+itself, and the whole-graph degrees the samplers read, are files of the machine that every
+process maps (see :mod:`~bgrl_dgl.loading.shared_arrays`).
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from bgrl_dgl.config import check_finite, field, parse_size
 from bgrl_dgl.errors import InputError
@@ -31,6 +36,7 @@ from bgrl_dgl.io import process_alive, process_start_time, same_process_alive
 from bgrl_dgl.loading.feature_cache import CachePolicy, FeatureCache, check_found_cache
 from bgrl_dgl.loading.features import FeatureSource
 from bgrl_dgl.loading.sampler import NeighborBatchSampler, SampledBatch, batch_rng_seed
+from bgrl_dgl.loading.shared_arrays import SharedArrays, map_degrees
 from bgrl_dgl.store.reader import GraphStore, read_node_ids
 
 
@@ -82,6 +88,24 @@ def rank_batch_positions(num_seeds: int, seed: int, epoch: int, batch_size: int,
     return [np.array_split(chunk, world_size)[rank] for chunk in np.array_split(perm, steps)]
 
 
+def split_bounds(length: int, parts: int, index: int) -> tuple[int, int]:
+    """[start, stop) of part ``index`` when ``length`` items are cut into ``parts`` parts whose
+    sizes differ by at most one, the larger first (as ``np.array_split`` cuts them)."""
+    size, extra = divmod(length, parts)
+    start = index * size + min(index, extra)
+    return start, start + size + (index < extra)
+
+
+def rank_batch_bounds(num_seeds: int, batch_size: int, rank: int, world_size: int,
+                      batch: int) -> tuple[int, int]:
+    """[start, stop) of rank ``rank``'s positions of step ``batch`` in the epoch's
+    permutation: the slice :func:`rank_batch_positions` takes, computed without it."""
+    steps = -(-num_seeds // (batch_size * world_size))
+    start, stop = split_bounds(num_seeds, steps, batch)
+    low, high = split_bounds(stop - start, world_size, rank)
+    return start + low, start + high
+
+
 def smallest_rank_batch(num_seeds: int, batch_size: int, world_size: int) -> int:
     """The fewest seeds any rank gets in a step (see :func:`rank_batch_positions`)."""
     steps = -(-num_seeds // (batch_size * world_size))
@@ -123,77 +147,129 @@ class SeedSchedule:
     cut into global batches of at most ``world_size * batch_size`` seeds (see
     :func:`rank_batch_positions`); rank ``r`` takes slice ``r`` of every global batch, so all
     ranks run the same number of steps and together cover each seed once per epoch.
+
+    Args:
+        seed_nodes: the seed ids [S] int64 (a store's split may stay memory-mapped), or the
+            number of nodes N when every node is a seed (no array: position = id).
+        batch_size: seeds per process and step.
+        seed: the run's seed.
+        rank, world_size: this process's place in the run.
+        shared: where the epochs' permutations are mapped from (None: computed here).
     """
 
-    def __init__(self, seed_nodes: np.ndarray, batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1) -> None:
-        self.seed_nodes = seed_nodes
+    def __init__(self, seed_nodes: np.ndarray | int, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1, shared: SharedArrays | None = None) -> None:
+        self.seed_nodes = None if isinstance(seed_nodes, int) else seed_nodes
+        self.num_seeds = seed_nodes if isinstance(seed_nodes, int) else len(seed_nodes)
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self._epoch_order: tuple[int, list[np.ndarray]] | None = None
+        self.shared = shared
+        self._epoch_order: tuple[int, np.ndarray] | None = None
 
     @classmethod
     def for_store(cls, store: GraphStore, config: "SamplingConfig", seed: int, rank: int = 0,
                   world_size: int = 1) -> "SeedSchedule":
         """The schedule of ``config.seeds`` on ``store``; InputError when some process would
         get fewer than 2 seeds in a step."""
-        seed_nodes = resolve_seed_nodes(store, config.seeds)
-        check_batch_sizes(len(seed_nodes), config.batch_size, world_size, store.path)
-        return cls(seed_nodes, config.batch_size, seed, rank, world_size)
+        seed_nodes: np.ndarray | int = store.num_nodes
+        if config.seeds != "all":
+            seed_nodes = resolve_seed_nodes(store, config.seeds)
+        schedule = cls(seed_nodes, config.batch_size, seed, rank, world_size)
+        check_batch_sizes(schedule.num_seeds, config.batch_size, world_size, store.path)
+        return schedule
 
     @property
     def steps_per_epoch(self) -> int:
         global_batch = self.batch_size * self.world_size
-        return -(-len(self.seed_nodes) // global_batch)
+        return -(-self.num_seeds // global_batch)
 
     def batch_positions(self, epoch: int) -> list[np.ndarray]:
         """This rank's positions into ``seed_nodes`` for every step of ``epoch``."""
-        return rank_batch_positions(len(self.seed_nodes), self.seed, epoch, self.batch_size,
+        return rank_batch_positions(self.num_seeds, self.seed, epoch, self.batch_size,
                                     self.rank, self.world_size)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The permutation of seed positions of ``epoch`` [S] int64 (mapped when shared)."""
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            self._epoch_order = None  # unmapped before the next one is made
+            order = (epoch_permutation(self.num_seeds, self.seed, epoch) if self.shared is None
+                     else self.shared.permutation(self.num_seeds, self.seed, epoch))
+            self._epoch_order = (epoch, order)
+        return self._epoch_order[1]
 
     def step(self, step: int) -> tuple[np.ndarray, int]:
         """(this rank's seed ids [<= batch_size] int64, the batch's sampling seed) of a step."""
         epoch, batch = divmod(step, self.steps_per_epoch)
-        if self._epoch_order is None or self._epoch_order[0] != epoch:
-            self._epoch_order = (epoch, self.batch_positions(epoch))
-        seeds = self.seed_nodes[self._epoch_order[1][batch]]
+        start, stop = rank_batch_bounds(self.num_seeds, self.batch_size, self.rank,
+                                        self.world_size, batch)
+        positions = np.array(self.epoch_order(epoch)[start:stop], dtype=np.int64)
+        seeds = positions if self.seed_nodes is None else np.asarray(self.seed_nodes[positions],
+                                                                     dtype=np.int64)
         return seeds, batch_rng_seed(self.seed, epoch, batch, self.rank)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_epoch_order": None}
 
 
-class _RunBatches(Dataset):
-    """Item ``k`` is the batch of global step ``first_step + k``, sampled where it is asked for
-    (in the training process or a worker; the sampler is opened there, once)."""
+@dataclass(frozen=True)
+class StepSeeds:
+    """What a sampling worker gets for one step: the seed ids [B] int64 and the sampling
+    seed of the batch."""
 
-    def __init__(self, loader: "BatchLoader", first_step: int, last_step: int) -> None:
-        self.store_path = loader.store.path
-        self.config = loader.config
-        self.schedule = loader.schedule
-        self.independent = loader.independent
-        self.cache_dir = loader.cache_dir
-        self.float32_features = loader.float32_in_workers
+    step: int
+    seeds: np.ndarray
+    rng_seed: int
+
+
+class _StepOrder(Sampler):
+    """The items of steps ``first_step .. last_step - 1``, made in the training process from
+    its schedule (which stays there: workers see only their steps' seeds)."""
+
+    def __init__(self, schedule: SeedSchedule, first_step: int, last_step: int) -> None:
+        self.schedule = schedule
         self.first_step = first_step
         self.last_step = last_step
-        # The training process, which the workers must not outlive.
-        self.trainer = (os.getpid(), process_start_time(os.getpid()))
-        self._sampler: NeighborBatchSampler | None = None
 
     def __len__(self) -> int:
         return self.last_step - self.first_step
 
-    def __getitem__(self, index: int) -> SampledBatch:
+    def __iter__(self) -> Iterator[StepSeeds]:
+        for step in range(self.first_step, self.last_step):
+            yield StepSeeds(step, *self.schedule.step(step))
+
+
+class _StepBatches(Dataset):
+    """Samples the batch of a :class:`StepSeeds` item where it is asked for (in the training
+    process or a worker; the sampler is opened there, once). Holds nothing as long as the
+    graph: it is pickled into every worker."""
+
+    def __init__(self, loader: "BatchLoader") -> None:
+        self.store_path = loader.store.path
+        self.config = loader.config
+        self.degree_files = loader.degree_files
+        self.independent = loader.independent
+        self.cache_dir = loader.cache_dir
+        self.float32_features = loader.float32_in_workers
+        # The training process, which the workers must not outlive.
+        self.trainer = (os.getpid(), process_start_time(os.getpid()))
+        self._sampler: NeighborBatchSampler | None = None
+
+    def _open_sampler(self) -> NeighborBatchSampler:
+        store = GraphStore.open(self.store_path, check="none")
+        cache = None if self.cache_dir is None else FeatureCache.open(self.cache_dir)
+        degrees = None
+        if self.config.graph_degrees and self.degree_files is not None:
+            degrees = map_degrees(self.degree_files, store.num_nodes)
+        return NeighborBatchSampler(store, self.config.fanouts, self.config.graph_degrees,
+                                    FeatureSource(store.features, cache), degrees=degrees)
+
+    def __getitem__(self, item: StepSeeds) -> SampledBatch:
         if self._sampler is None:
-            store = GraphStore.open(self.store_path, check="none")
-            cache = None if self.cache_dir is None else FeatureCache.open(self.cache_dir)
-            self._sampler = NeighborBatchSampler(store, self.config.fanouts,
-                                                 self.config.graph_degrees,
-                                                 FeatureSource(store.features, cache))
-        seeds, rng_seed = self.schedule.step(self.first_step + index)
-        sampled = self._sampler.sample(torch.from_numpy(seeds), rng_seed, self.independent)
+            self._sampler = self._open_sampler()
+        sampled = self._sampler.sample(torch.from_numpy(item.seeds), item.rng_seed,
+                                       self.independent)
         return sampled.with_float32_features() if self.float32_features else sampled
 
     def __getstate__(self) -> dict:
@@ -214,14 +290,21 @@ class BatchLoader:
             overlapping the conversion with compute.
         cache_dir: the directory of the machine's feature cache, which every sampler
             attaches to (None: no cache).
+        shared: the machine's shared arrays of the run: the schedule maps its epochs'
+            permutations from there, and the samplers the degrees (None: each process
+            computes its own).
     """
 
     def __init__(self, store: GraphStore, config: "SamplingConfig", schedule: SeedSchedule, *,
                  independent_views: bool, device: torch.device = torch.device("cpu"),
-                 cache_dir: Path | None = None) -> None:
+                 cache_dir: Path | None = None, shared: SharedArrays | None = None) -> None:
         self.store = store
         self.config = config
         self.schedule = schedule
+        if shared is not None:
+            schedule.shared = shared
+        self.degree_files = (shared.degree_files(store)
+                             if shared is not None and config.graph_degrees else None)
         self.independent = independent_views
         self.cache_dir = cache_dir
         self.pin_memory = device.type == "cuda"
@@ -229,14 +312,15 @@ class BatchLoader:
 
     def batches(self, first_step: int, last_step: int) -> Iterator[SampledBatch]:
         """The batches of global steps ``first_step .. last_step - 1``, in order."""
-        dataset = _RunBatches(self, first_step, last_step)
+        dataset = _StepBatches(self)
+        steps = _StepOrder(self.schedule, first_step, last_step)
         if self.config.num_workers == 0:
-            yield from (dataset[index] for index in range(len(dataset)))
+            yield from (dataset[item] for item in steps)
             return
         # A generator of its own: the loader draws its workers' base seed from it instead of
         # from torch's global generator, whose state a checkpoint restores (dropout draws).
         yield from DataLoader(
-            dataset, batch_size=None, shuffle=False, num_workers=self.config.num_workers,
+            dataset, batch_size=None, sampler=steps, num_workers=self.config.num_workers,
             multiprocessing_context="forkserver", prefetch_factor=2, worker_init_fn=_worker_init,
             generator=torch.Generator(), pin_memory=self.pin_memory,
         )
@@ -250,7 +334,7 @@ def _worker_init(_: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     info = get_worker_info()
-    if info is not None and isinstance(info.dataset, _RunBatches):
+    if info is not None and isinstance(info.dataset, _StepBatches):
         exit_with(*info.dataset.trainer)
 
 
@@ -294,8 +378,8 @@ def _exit_when_gone(pid: int, handle: int | None) -> None:
     os._exit(ORPHAN_EXIT)
 
 
-def check_training_cache(store: GraphStore, config: SamplingConfig, seed_nodes: np.ndarray,
-                         seed: int) -> None:
+def check_training_cache(store: GraphStore, config: SamplingConfig,
+                         seed_nodes: np.ndarray | None, seed: int) -> None:
     """InputError when ``config.cache_bytes`` holds no feature row, or when something other
     than this user's cache of the run's settings sits under the name of the training run's
     feature cache (no check when ``config.cache_bytes`` is 0); called before the run writes
@@ -307,10 +391,11 @@ def check_training_cache(store: GraphStore, config: SamplingConfig, seed_nodes: 
 
 
 @contextlib.contextmanager
-def training_cache(store: "GraphStore", config: "SamplingConfig", seed_nodes: np.ndarray,
+def training_cache(store: "GraphStore", config: "SamplingConfig", seed_nodes: np.ndarray | None,
                    seed: int) -> Iterator[FeatureCache | None]:
     """The feature cache of a training run (None when ``config.cache_bytes`` is 0), closed
-    (and removed, if this process wrote it) when the run ends."""
+    (and removed, if this process wrote it) when the run ends; ``seed_nodes``: the seed
+    ids, None for every node."""
     budget = config.cache_bytes
     if budget == 0:
         yield None

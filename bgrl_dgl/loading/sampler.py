@@ -147,14 +147,19 @@ class NeighborBatchSampler:
         fanouts: neighbours per layer, input layer first (-1 = all).
         graph_degrees: attach whole-graph degrees to the blocks (GCN normalisation).
         features: where feature rows come from (default: the store's matrix, no cache).
+        degrees: the whole-graph (out-degree, in-degree) [N] float32 to attach, e.g. maps of
+            the machine's shared files (default: counted here when ``graph_degrees``).
     """
 
     def __init__(self, store: GraphStore, fanouts: list[int], graph_degrees: bool,
-                 features: FeatureSource | None = None) -> None:
+                 features: FeatureSource | None = None,
+                 degrees: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.store = store
         self.features = FeatureSource(store.features) if features is None else features
         self.blocks = BlockSampler(store.graph, fanouts)
-        self.degrees = _graph_degrees(store) if graph_degrees else None
+        self.degrees = None
+        if graph_degrees:
+            self.degrees = _graph_degrees(store) if degrees is None else degrees
 
     def _view(self, seeds: torch.Tensor) -> tuple[SampledView, float, float]:
         start = time.perf_counter()

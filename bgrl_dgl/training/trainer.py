@@ -36,6 +36,7 @@ from bgrl_dgl.loading.loader import (
     training_cache,
 )
 from bgrl_dgl.loading.sampler import SampledBatch
+from bgrl_dgl.loading.shared_arrays import SharedArrays
 from bgrl_dgl.model.augment import augment_view
 from bgrl_dgl.model.bgrl import OnlineBranch, build_model, cosine_tau, embedding_std
 from bgrl_dgl.runs import METRICS_FILE, RunInfo, RunLock, resume_state, write_run_files
@@ -314,11 +315,13 @@ def build_trainer(config: TrainConfig, store: GraphStore, run_dir: Path, device:
 
 
 def batch_loader(config: TrainConfig, store: GraphStore, schedule: SeedSchedule,
-                 device: torch.device, cache_dir: Path | None = None) -> BatchLoader:
-    """The loader of a training process's batches (``cache_dir``: the machine's feature cache)."""
+                 device: torch.device, cache_dir: Path | None = None,
+                 shared: SharedArrays | None = None) -> BatchLoader:
+    """The loader of a training process's batches (``cache_dir``: the machine's feature cache;
+    ``shared``: the machine's whole-graph arrays of the run)."""
     return BatchLoader(store, config.sampling, schedule,
                        independent_views=config.augment.independent_views, device=device,
-                       cache_dir=cache_dir)
+                       cache_dir=cache_dir, shared=shared)
 
 
 def train(data: str | Path, run_dir: str | Path, config: TrainConfig, *, resume: bool = False,
@@ -358,10 +361,10 @@ def _train_in_group(data: Path, run_dir: Path, config: TrainConfig, store: Graph
                                                  store.num_nodes, world.world_size))
     if trainer.step >= trainer.total_steps:
         return {}
-    # Built before the loader starts its workers, which attach to it by its path.
+    # Built before the loader starts its workers, which attach to them by their paths.
     with training_cache(store, config.sampling, schedule.seed_nodes,
-                        config.run.seed) as cache:
+                        config.run.seed) as cache, SharedArrays.for_run(store, run_dir) as shared:
         cache_dir = None if cache is None else cache.directory
-        return trainer.fit(batch_loader(config, store, schedule, device, cache_dir))
+        return trainer.fit(batch_loader(config, store, schedule, device, cache_dir, shared))
 
 
