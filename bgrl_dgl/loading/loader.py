@@ -129,12 +129,12 @@ def check_batch_sizes(num_seeds: int, batch_size: int, world_size: int, path: Pa
 
 def resolve_seed_nodes(store: GraphStore, spec: str) -> np.ndarray:
     """The training seed node ids [S] int64 named by ``spec`` ('all', 'split:NAME', file.npy
-    of store indices, duplicates ignored)."""
+    of store indices, duplicates ignored); a split stays a read-only map of the store's file."""
     if spec == "all":
         return np.arange(store.num_nodes, dtype=np.int64)
     if not spec.startswith("split:"):
         return read_node_ids(spec, store.num_nodes, what="seed ids")
-    ids = np.asarray(store.split(spec.removeprefix("split:")), dtype=np.int64)
+    ids = store.split(spec.removeprefix("split:"))  # int64, checked when the store is opened
     if ids.size == 0:
         raise InputError(store.path, f"no seed nodes in {spec!r}")
     return ids
@@ -291,8 +291,8 @@ class BatchLoader:
         cache_dir: the directory of the machine's feature cache, which every sampler
             attaches to (None: no cache).
         shared: the machine's shared arrays of the run: the schedule maps its epochs'
-            permutations from there, and the samplers the degrees (None: each process
-            computes its own).
+            permutations from there (and its seed ids, when they were read from a file), and
+            the samplers the degrees (None: each process computes its own).
     """
 
     def __init__(self, store: GraphStore, config: "SamplingConfig", schedule: SeedSchedule, *,
@@ -303,6 +303,8 @@ class BatchLoader:
         self.schedule = schedule
         if shared is not None:
             schedule.shared = shared
+            if schedule.seed_nodes is not None and not isinstance(schedule.seed_nodes, np.memmap):
+                schedule.seed_nodes = shared.seed_ids(schedule.seed_nodes)
         self.degree_files = (shared.degree_files(store)
                              if shared is not None and config.graph_degrees else None)
         self.independent = independent_views

@@ -7,7 +7,8 @@ whole-graph degrees of GCN normalisation. For a graph of 122M nodes that is abou
 process, paid by every rank and every worker. Now:
 
 * seed ids are not copied: ``seeds: all`` needs no array (the position of a seed is its id),
-  ``split:NAME`` maps the store's split file;
+  ``split:NAME`` maps the store's split file, and the ids of a ``.npy`` file, once read and
+  checked by each rank, are written once per machine and mapped in place of each rank's copy;
 * each epoch's order of the seed positions, numpy's
   ``default_rng(SeedSequence([seed, epoch, 0x5EED])).permutation(num_seeds)``, is written
   once per machine into a file that the ranks map; the ranks cut their steps' seeds out of
@@ -21,6 +22,7 @@ The files live in a directory in shared memory (``/dev/shm``, else the temporary
     bgrl-dgl-shared-<uid>-<key>/perm-<S>-<seed>-<epoch>.npy    [S] int64: an epoch's order
     bgrl-dgl-shared-<uid>-<key>/in_degree.npy                  [N] float32
     bgrl-dgl-shared-<uid>-<key>/out_degree.npy                 [N] float32 (not symmetrised)
+    bgrl-dgl-shared-<uid>-<key>/seeds-<S>-<digest>.npy         [S] int64: ids from a file
 
 ``uid`` is the user's; ``key`` hashes the run directory and the store's topology files (path,
 size, mtime), so the ranks of one run on one machine meet in one directory and no two runs
@@ -125,6 +127,14 @@ def write_permutation(path: Path, num_seeds: int, seed: int, epoch: int) -> None
                 order[start:stop] = np.arange(start, stop, dtype=np.int64)
             np.random.default_rng(np.random.SeedSequence([seed, epoch, 0x5EED])).shuffle(order)
             del order  # the map cannot close while an array exports its buffer
+
+
+def write_array(path: Path, array: np.ndarray) -> None:
+    """Write the 1-D ``array`` to the new .npy file ``path``."""
+    writer = NpyWriter(path, array.dtype)
+    for start in range(0, len(array), FILL_CHUNK):
+        writer.append(array[start:start + FILL_CHUNK])
+    writer.close()
 
 
 def write_in_degrees(path: Path, store: "GraphStore") -> None:
@@ -282,6 +292,15 @@ class SharedArrays:
             if (match and int(match.group(1)) == num_seeds and int(match.group(2)) == seed
                     and int(match.group(3)) < epoch):
                 entry.unlink(missing_ok=True)
+
+    def seed_ids(self, ids: np.ndarray) -> np.ndarray:
+        """``ids`` [S] int64 as a read-only map of the machine's copy (written first if no
+        process has), so that the array each rank read can be freed."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        digest = hashlib.blake2b(ids.data, digest_size=8).hexdigest()
+        path = self._ensure(f"seeds-{len(ids)}-{digest}.npy",
+                            lambda tmp: write_array(tmp, ids))
+        return map_array(path, np.dtype(np.int64), ids.shape, not_shared_arrays)
 
     def degree_files(self, store: "GraphStore") -> tuple[Path, Path]:
         """(out-degree, in-degree) files of ``store``, [N] float32 each (see

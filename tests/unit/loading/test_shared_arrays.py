@@ -234,3 +234,21 @@ def test_training_leaves_no_shared_files_behind(tmp_path, monkeypatch, store) ->
                  "--num-workers", "1", "--device", "cpu"]) == 0
     assert seen and "in_degree.npy" in seen[0]
     assert list((tmp_path / "shm").iterdir()) == []
+
+
+def test_seed_ids_from_a_file_are_mapped_from_one_copy_and_splits_from_the_store(
+        tmp_path, store) -> None:
+    ids_file = tmp_path / "seeds.npy"
+    np.save(ids_file, np.arange(0, 300, 2, dtype=np.int64)[::-1])
+    (tmp_path / "shm").mkdir()
+    with SharedArrays.open("run", root=tmp_path / "shm") as shared:
+        for spec, mapped_from in ((str(ids_file), shared.directory),
+                                  ("split:train", store.path)):
+            config = SamplingConfig(fanouts=[3], batch_size=16, seeds=spec)
+            schedule = SeedSchedule.for_store(store, config, seed=3)
+            expected = [schedule.step(step)[0] for step in range(12)]
+            loader = BatchLoader(store, config, schedule, independent_views=False, shared=shared)
+            assert isinstance(loader.schedule.seed_nodes, np.memmap)
+            assert Path(loader.schedule.seed_nodes.filename).parent == mapped_from.resolve()
+            assert all(np.array_equal(schedule.step(step)[0], seeds)
+                       for step, seeds in enumerate(expected))
