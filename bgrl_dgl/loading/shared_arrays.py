@@ -63,7 +63,7 @@ import numpy as np
 import torch
 
 from bgrl_dgl.errors import InputError
-from bgrl_dgl.io import atomic_path, owned_by_me, remove_stale_temp_files, same_process_alive
+from bgrl_dgl.io import atomic_path, remove_stale_temp_files, same_process_alive
 from bgrl_dgl.loading.cache_files import (
     META_FILE,
     check_directory,
@@ -177,17 +177,21 @@ def remove_stale(root: Path) -> None:
     except FileNotFoundError:
         return
     for entry in entries:
-        if not owned_by_me(entry) or entry.is_symlink() or not entry.is_dir():
-            continue
         try:
+            judged = os.lstat(entry)
+            check_private(entry, judged, "directory", not_shared_arrays)
             meta = read_meta(entry, not_shared_arrays)
-        except InputError:
+        except (OSError, InputError):
             continue  # not ours to judge (or just removed by its owner)
         owner, started = meta.get("owner"), meta.get("owner_started")
-        if not isinstance(owner, int):
+        if not isinstance(owner, int) or same_process_alive(
+                owner, started if isinstance(started, int) else None):
             continue
-        if not same_process_alive(owner, started if isinstance(started, int) else None):
-            shutil.rmtree(entry, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            # Only the directory judged: another process may have removed it and made a
+            # new one under the name meanwhile.
+            if os.lstat(entry).st_ino == judged.st_ino:
+                shutil.rmtree(entry, ignore_errors=True)
 
 
 def create_directory(directory: Path) -> bool:
@@ -205,6 +209,20 @@ def create_directory(directory: Path) -> bool:
             shutil.rmtree(tmp, ignore_errors=True)
     check_directory(directory, not_shared_arrays)
     return False
+
+
+def shared_directory(store: "GraphStore", run_dir: Path, root: Path | None = None) -> Path:
+    """Where the shared arrays of a run on ``store`` writing to ``run_dir`` live."""
+    root = default_cache_root() if root is None else Path(root)
+    return root / f"{user_prefix()}{run_key(store, run_dir)}"
+
+
+def check_found_directory(store: "GraphStore", run_dir: Path, root: Path | None = None) -> None:
+    """InputError when something other than this user's private directory sits under the
+    name of the run's shared arrays: checked before a run writes anything."""
+    directory = shared_directory(store, run_dir, root)
+    if os.path.lexists(directory):
+        check_directory(directory, not_shared_arrays)
 
 
 class SharedArrays:
@@ -233,7 +251,8 @@ class SharedArrays:
     def for_run(cls, store: "GraphStore", run_dir: Path,
                 root: Path | None = None) -> "SharedArrays":
         """The shared arrays of a training run on ``store`` writing to ``run_dir``."""
-        return cls.open(run_key(store, run_dir), root)
+        directory = shared_directory(store, run_dir, root)
+        return cls.open(directory.name.removeprefix(user_prefix()), directory.parent)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

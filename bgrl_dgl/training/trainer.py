@@ -36,7 +36,7 @@ from bgrl_dgl.loading.loader import (
     training_cache,
 )
 from bgrl_dgl.loading.sampler import SampledBatch
-from bgrl_dgl.loading.shared_arrays import SharedArrays
+from bgrl_dgl.loading.shared_arrays import SharedArrays, check_found_directory
 from bgrl_dgl.model.augment import augment_view
 from bgrl_dgl.model.bgrl import OnlineBranch, build_model, cosine_tau, embedding_std
 from bgrl_dgl.runs import METRICS_FILE, RunInfo, RunLock, resume_state, write_run_files
@@ -350,6 +350,7 @@ def _train_in_group(data: Path, run_dir: Path, config: TrainConfig, store: Graph
     # Built before the run directory is created, so that bad settings leave nothing behind.
     trainer, schedule = build_trainer(config, store, run_dir, device, world)
     check_training_cache(store, config.sampling, schedule.seed_nodes, config.run.seed)
+    check_found_directory(store, run_dir)
     check_tensorboard(config.run.tensorboard if world.is_main else None)
     resumed = resume_state(run_dir, resume or world.restart_count > 0, world, lock)
     if resumed is not None:

@@ -252,3 +252,17 @@ def test_seed_ids_from_a_file_are_mapped_from_one_copy_and_splits_from_the_store
             assert Path(loader.schedule.seed_nodes.filename).parent == mapped_from.resolve()
             assert all(np.array_equal(schedule.step(step)[0], seeds)
                        for step, seeds in enumerate(expected))
+
+
+def test_train_refuses_a_planted_link_before_writing_anything(tmp_path, monkeypatch, store,
+                                                              capsys) -> None:
+    monkeypatch.setattr(shared_arrays, "default_cache_root", lambda: tmp_path)
+    run = tmp_path / "run"
+    planted = shared_arrays.shared_directory(store, run)
+    (tmp_path / "elsewhere").mkdir()
+    planted.symlink_to(tmp_path / "elsewhere")
+    assert main(["train", "--data", str(store.path), "--out", str(run), "--steps", "2",
+                 "--num-workers", "0", "--device", "cpu"]) == 2
+    assert f"error: {planted}: " in capsys.readouterr().err
+    assert not run.exists()
+    assert planted.is_symlink() and list((tmp_path / "elsewhere").iterdir()) == []
