@@ -118,10 +118,12 @@ class GraphArrays:
 
 class NodeTables:
     """The node tables of one layer: [N, w] tensors in ``dtype``, on ``device`` when
-    ``resident``, else over memory-mapped files ``<stem>-<t>`` in ``directory``."""
+    ``resident``, else over memory-mapped files ``<stem>-<t>`` in ``directory``: new ones,
+    or without ``create`` those another process created (ranks sharing the tables)."""
 
     def __init__(self, directory: Path, stem: str, num_nodes: int, widths: tuple[int, ...],
-                 dtype: torch.dtype, device: torch.device, resident: bool) -> None:
+                 dtype: torch.dtype, device: torch.device, resident: bool,
+                 create: bool = True) -> None:
         self.device, self.resident, self.files = device, resident, []
         self.arrays: list[torch.Tensor] = []
         numpy_dtype = np.float16 if dtype == torch.float16 else np.float32
@@ -131,7 +133,8 @@ class NodeTables:
                 continue
             path = directory / f"{stem}-{t}.{np.dtype(numpy_dtype).name}"
             self.files.append(path)
-            allocate(path, num_nodes * width * np.dtype(numpy_dtype).itemsize)
+            if create:
+                allocate(path, num_nodes * width * np.dtype(numpy_dtype).itemsize)
             self.arrays.append(torch.from_numpy(np.memmap(path, dtype=numpy_dtype, mode="r+",
                                                           shape=(num_nodes, width))))
 
@@ -144,9 +147,10 @@ class NodeTables:
             else:
                 table.index_copy_(0, torch.from_numpy(rows).to(table.device), value.to(table.dtype))
 
-    def delete(self) -> None:
+    def delete(self, unlink: bool = True) -> None:
+        """Drop the tables; ``unlink``: remove their files too (their creator does)."""
         self.arrays.clear()
-        for path in self.files:
+        for path in self.files if unlink else ():
             path.unlink(missing_ok=True)
 
 

@@ -27,6 +27,7 @@ rerun.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -54,6 +55,7 @@ from bgrl_dgl.embeddings.parquet import (
     part_name,
     write_part,
 )
+from bgrl_dgl.embeddings.ranks import RankSession, barrier_timeout
 from bgrl_dgl.embeddings.rowstream import StreamedParts
 from bgrl_dgl.embeddings.sampled import InferenceOptions, check_fanouts, compute_parts
 from bgrl_dgl.embeddings.scratch import (
@@ -276,12 +278,15 @@ def export_embeddings(out: str | os.PathLike, *, run: str | os.PathLike | None =
     scratch_root = out if scratch_dir is None else Path(scratch_dir)
     remove_stale_scratch(scratch_root)  # before the free space is measured
     exact = options.fanouts is None
+    if exact and device.type == "cpu":
+        torch.set_num_threads(compute_threads(0, 0, world.local_world_size))
+    if exact and world.is_distributed:
+        job = SharedExport(source, store, layout, options, device, out, schema, inputs)
+        return job.run(world, scratch_root, overwrite)
     planned = parts_to_compute(out, inputs, layout, mine, schema, overwrite)
-    if exact:  # the intermediate tables; the ranks of this machine hold theirs at once
-        needed = world.local_world_size * scratch_requirement(
-            source.encoder, store.num_nodes, options.scratch_dtype, device) if planned else 0
-        if device.type == "cpu":
-            torch.set_num_threads(compute_threads(0, 0, world.local_world_size))
+    if exact:  # the intermediate tables
+        needed = scratch_requirement(source.encoder, store.num_nodes, options.scratch_dtype,
+                                     device) if planned else 0
     else:  # the memmap of the sampled embeddings
         needed = layout_rows(layout, planned) * dim * rows_dtype.itemsize
     check_free_space(scratch_root, needed, f"embedding {layout_rows(layout, planned):,} nodes")
@@ -305,11 +310,91 @@ def export_embeddings(out: str | os.PathLike, *, run: str | os.PathLike | None =
 
 
 
+@dataclass(frozen=True)
+class SharedExport:
+    """An exact export by several ranks that compute the layers before the last together
+    (see ranks.py): rank 0 claims ``out`` and checks the scratch space for all of them."""
+
+    source: RunEncoder
+    store: GraphStore
+    layout: PartLayout
+    options: InferenceOptions
+    device: torch.device
+    out: Path
+    schema: Any
+    inputs: dict[str, Any]
+
+    def claim(self, overwrite: bool, scratch_root: Path) -> list[int]:
+        """Rank 0's part: claim ``out``, check the scratch space; the parts still missing."""
+        everything = list(range(self.layout.num_parts))
+        planned = parts_to_compute(self.out, self.inputs, self.layout, everything, self.schema,
+                                   overwrite)
+        needed = scratch_requirement(self.source.encoder, self.store.num_nodes,
+                                     self.options.scratch_dtype, self.device,
+                                     shared=True) if planned else 0
+        check_free_space(scratch_root, needed,
+                         f"embedding {layout_rows(self.layout, planned):,} nodes")
+        claim_output(self.out, self.inputs, overwrite)
+        remove_stale_temp_files(self.out)
+        return [p for p in everything
+                if not part_complete(self.out, self.layout, p, self.schema)]
+
+    def run(self, world: World, scratch_root: Path, overwrite: bool) -> ExportResult:
+        """This rank's share of the export (every rank calls it)."""
+        key = hashlib.sha256(json.dumps([self.inputs, world.world_size],
+                                        sort_keys=True).encode()).hexdigest()[:16]
+        mine = self.layout.rank_parts(world.rank, world.world_size)
+        if self.out.exists() and not self.out.is_dir():
+            raise InputError(self.out, "exists and is not a directory")
+        made = world.rank == 0 and not scratch_root.exists()  # OUT, holding the scratch
+        if made:
+            scratch_root.mkdir(parents=True)
+        try:
+            return self.share(world, scratch_root, overwrite, key, mine)
+        except BaseException:
+            if made:
+                with contextlib.suppress(OSError):
+                    scratch_root.rmdir()  # if nothing else was written into it
+            raise
+
+    def share(self, world: World, scratch_root: Path, overwrite: bool, key: str,
+              mine: list[int]) -> ExportResult:
+        """:meth:`run` once the scratch root exists."""
+        with RankSession(world, scratch_root, key, barrier_timeout()) as session:
+            status: dict[str, Any] = {}
+            if world.rank == 0:
+                try:
+                    status = {"missing": self.claim(overwrite, scratch_root)}
+                except InputError as err:
+                    session.gather({"error": str(err)}, "rank 0 to claim the output")
+                    raise
+            first = session.gather(status, "rank 0 to claim the output")[0]
+            if "error" in first:
+                raise InputError(None, first["error"])
+            everyone = first["missing"]
+            missing = [p for p in mine if p in set(everyone)]
+            if everyone:
+                write_exact_parts(self.source, self.store, self.layout, missing, self.options,
+                                  session.directory, self.device, self.out, self.schema,
+                                  session, everyone)
+            session.barrier("every rank's parts")
+            complete = world.rank == 0 and finish_if_complete(self.out, self.inputs,
+                                                              self.layout)
+            complete = session.gather(complete, "rank 0 to write the manifest")[0]
+        return ExportResult(self.out, self.layout.num_rows, self.source.encoder.out_dim,
+                            self.inputs["dtype"], missing,
+                            [p for p in mine if p not in missing], self.layout.num_parts,
+                            complete, world.rank, world.world_size)
+
+
 def write_exact_parts(source: RunEncoder, store: GraphStore, layout: PartLayout,
                       missing: list[int], options: InferenceOptions, scratch: Path,
-                      device: torch.device, out: Path, schema: Any) -> None:
+                      device: torch.device, out: Path, schema: Any,
+                      share: RankSession | None = None,
+                      shared_parts: list[int] | None = None) -> None:
     """Exact embeddings of the parts ``missing``, written by a thread as the last layer's
-    rows come (each part committed once complete)."""
+    rows come (each part committed once complete). ``share``: the ranks compute the earlier
+    layers together, for the parts ``shared_parts`` of all of them."""
     sizes = [layout.rows(p)[1] - layout.rows(p)[0] for p in missing]
     with progress_bar(total=len(missing), desc="write parts", unit="parts") as bar:
         def open_part(k: int) -> ParquetPart:
@@ -318,7 +403,7 @@ def write_exact_parts(source: RunEncoder, store: GraphStore, layout: PartLayout,
 
         with StreamedParts(sizes, layout.row_group_rows, open_part) as parts:
             compute_parts(source.encoder, store, layout, missing, parts, options, scratch,
-                          False, device)
+                          False, device, share, shared_parts)
 
 
 class CountedPart(ParquetPart):

@@ -46,8 +46,10 @@ class LayerProgress:
 def embed_store_with_progress(encoder: Encoder, store: GraphStore,
                               nodes: np.ndarray | None = None, **kwargs: Any) -> Any:
     """:func:`~bgrl_dgl.embeddings.layerwise.embed_store` of ``nodes`` (None: all), with a
-    progress bar per layer (the earlier layers of a subset compute an unknown number)."""
+    progress bar per layer (the earlier layers of a subset, or of ranks that share them,
+    compute an unknown number)."""
     last = store.num_nodes if nodes is None else len(nodes)
-    earlier = [store.num_nodes if nodes is None else None] * (encoder.num_layers - 1)
+    known = nodes is None and kwargs.get("share") is None
+    earlier = [store.num_nodes if known else None] * (encoder.num_layers - 1)
     with LayerProgress([*earlier, last]) as progress:
         return embed_store(encoder, store, nodes=nodes, progress=progress, **kwargs)

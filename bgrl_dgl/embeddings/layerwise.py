@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 
 BLOCK_MEMORY = 512 << 20  # bytes of working memory per block
 DEVICE_TABLE_SHARE = 0.7  # tables stay on a GPU if they fit in this share of its free memory
+LAYER_BLOCKS = 64  # a layer before the last has at least this many blocks to share ...
+MIN_BLOCK_ROWS = 1024  # ... unless its blocks would have fewer rows than this
 
 
 class RowSink(Protocol):
@@ -53,6 +55,17 @@ class RowSink(Protocol):
     ``[start, start + n)`` of the result."""
 
     def write(self, start: int, rows: np.ndarray) -> None: ...
+
+
+class LayerShare(Protocol):
+    """The ranks that compute the layers before the last together (see ranks.py): rank
+    ``rank`` of ``world_size`` computes every ``world_size``-th block of each such layer into
+    tables that rank 0 creates in a directory they share; ``barrier`` waits for the others."""
+
+    rank: int
+    world_size: int
+
+    def barrier(self, what: str) -> None: ...
 
 
 Output = Union[np.ndarray, RowSink]
@@ -66,7 +79,9 @@ def layerwise_embeddings(encoder: Encoder, graph_indptr: np.ndarray, graph_indic
                          out_degrees: np.ndarray | None = None, nodes: np.ndarray | None = None,
                          symmetric: bool = False, scratch_dtype: str = "float32",
                          memory_budget: int = BLOCK_MEMORY,
-                         progress: Progress | None = None, check_space: bool = True) -> Output:
+                         progress: Progress | None = None, check_space: bool = True,
+                         share: LayerShare | None = None,
+                         shared_nodes: np.ndarray | None = None) -> Output:
     """The encoder's output for every node of a CSC graph: [N, encoder.out_dim], or for the
     nodes ``nodes`` only: [M, encoder.out_dim], row k for node ``nodes[k]``.
 
@@ -89,7 +104,13 @@ def layerwise_embeddings(encoder: Encoder, graph_indptr: np.ndarray, graph_indic
         progress: called as ``progress(layer, count)`` after each block of ``count``
             destinations of layer ``layer`` (0-based) is computed.
         check_space: check the free space for the tables in ``scratch_dir`` first (False:
-            the caller did, as the export does for all the ranks of a machine).
+            the caller did, as the export does once for all its ranks).
+        share: compute the layers before the last together with other ranks: the tables
+            are files directly in ``scratch_dir`` (which all ranks see; it is not removed),
+            this rank computes its share of every earlier layer and the last layer for
+            ``nodes`` only.
+        shared_nodes: with ``share``, the nodes of all the ranks' last layers (default:
+            all), whose inputs the earlier layers compute.
 
     Returns:
         ``out``. The encoder runs in eval mode without gradients (its mode is restored).
@@ -107,29 +128,37 @@ def layerwise_embeddings(encoder: Encoder, graph_indptr: np.ndarray, graph_indic
                                         or not np.issubdtype(out.dtype, np.floating)):
         raise ValueError(f"out must be a floating [{rows}, {encoder.out_dim}] array, "
                          f"got {out.dtype} {out.shape}")
-    if rows == 0:
+    if rows == 0 and share is None:
         return out
     device = torch.device(device)
     ops = [layer_ops(encoder, i) for i in range(encoder.num_layers)]
     dtype = SCRATCH_DTYPES[scratch_dtype]
-    resident = _tables_fit_on_device(ops, num_nodes, dtype, device, memory_budget)
+    resident = share is None and _tables_fit_on_device(ops, num_nodes, dtype, device,
+                                                       memory_budget)
     parent = Path(tempfile.gettempdir() if scratch_dir is None else scratch_dir)
     if not resident and check_space:
         check_free_space(parent, table_bytes(ops, num_nodes, dtype), "exact inference")
-    destinations = _layer_destinations(graph, nodes, encoder.num_layers + 1)
+    if share is None:
+        destinations = _layer_destinations(graph, nodes, encoder.num_layers + 1)
+    else:
+        destinations = _layer_destinations(graph, _check_nodes(shared_nodes, num_nodes),
+                                           encoder.num_layers + 1)
+        destinations[-1] = nodes
     was_training = encoder.training
     encoder.eval()
-    scratch = Path(tempfile.mkdtemp(prefix="bgrl-inference-", dir=parent))
+    scratch = (parent if share is not None
+               else Path(tempfile.mkdtemp(prefix="bgrl-inference-", dir=parent)))
     try:
         with torch.no_grad():
-            run = _Pass(encoder, ops, graph, scratch, dtype, device, resident, progress)
+            run = _Pass(encoder, ops, graph, scratch, dtype, device, resident, progress, share)
             run.layers(features, destinations, out if hasattr(out, "write") else _ArraySink(out),
                        memory_budget, batch_size)
         if isinstance(out, np.memmap):
             out.flush()
         return out
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        if share is None:
+            shutil.rmtree(scratch, ignore_errors=True)
         encoder.train(was_training)
 
 
@@ -148,12 +177,15 @@ def table_bytes(ops: list[LayerOps], num_nodes: int, dtype: torch.dtype) -> int:
 
 
 def scratch_requirement(encoder: Encoder, num_nodes: int, scratch_dtype: str,
-                        device: torch.device | str, memory_budget: int = BLOCK_MEMORY) -> int:
+                        device: torch.device | str, memory_budget: int = BLOCK_MEMORY,
+                        shared: bool = False) -> int:
     """Bytes of scratch space :func:`layerwise_embeddings` needs for a graph of
-    ``num_nodes`` nodes (0 when its tables stay on the GPU)."""
+    ``num_nodes`` nodes (0 when its tables stay on the GPU; ``shared``: tables that ranks
+    share, which are always files)."""
     ops = [layer_ops(encoder, i) for i in range(encoder.num_layers)]
     dtype = SCRATCH_DTYPES[scratch_dtype]
-    if _tables_fit_on_device(ops, num_nodes, dtype, torch.device(device), memory_budget):
+    if not shared and _tables_fit_on_device(ops, num_nodes, dtype, torch.device(device),
+                                            memory_budget):
         return 0
     return table_bytes(ops, num_nodes, dtype)
 
@@ -175,18 +207,34 @@ class _ArraySink:
 
 
 class _Pass:
-    """The layers of one inference run, block by block."""
+    """The layers of one inference run, block by block (with ``share``: this rank's blocks
+    of the layers before the last, see :class:`LayerShare`)."""
 
     def __init__(self, encoder: Encoder, ops: list[LayerOps], graph: GraphArrays, scratch: Path,
                  dtype: torch.dtype, device: torch.device, resident: bool,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, share: LayerShare | None = None) -> None:
         self.encoder, self.ops, self.graph = encoder, ops, graph
         self.scratch, self.dtype, self.device, self.resident = scratch, dtype, device, resident
-        self.progress = progress
+        self.progress, self.share = progress, share
+        self.owner = share is None or share.rank == 0
 
     def tables(self, layer: int) -> NodeTables:
-        return NodeTables(self.scratch, f"layer-{layer}", self.graph.num_nodes,
-                          self.ops[layer].widths, self.dtype, self.device, self.resident)
+        """Layer ``layer``'s tables: new ones, or with ``share`` those that rank 0 creates."""
+        def make(create: bool) -> NodeTables:
+            return NodeTables(self.scratch, f"layer-{layer}", self.graph.num_nodes,
+                              self.ops[layer].widths, self.dtype, self.device, self.resident,
+                              create=create)
+        if self.share is None:
+            return make(True)
+        tables = make(True) if self.owner else None
+        self.share.barrier(f"rank 0 to allocate the tables of layer {layer + 1}")
+        return tables if tables is not None else make(False)
+
+    def mine(self, block: int, layer: int) -> bool:
+        """Whether this rank computes block ``block`` of the rows of ``layer``'s tables
+        (``layer`` = number of layers: the output, which each rank computes for its nodes)."""
+        return (self.share is None or layer == len(self.ops)
+                or block % self.share.world_size == self.share.rank)
 
     def table_rows(self, layer: int, rows: Rows, h: torch.Tensor) -> list[torch.Tensor]:
         """Layer ``layer``'s table rows of the nodes ``rows`` with input rows ``h``."""
@@ -203,11 +251,19 @@ class _Pass:
         tables = self.tables(0)
         itemsize = 2 if self.dtype == torch.float16 else 4
         row_bytes = features.shape[1] * 12 + 8 * sum(self.ops[0].widths)
-        for _, rows in _row_blocks(self.graph, destinations[0], max(1, budget // row_bytes)):
-            h = to_device(host_tensor(np.asarray(features[rows])), self.device).float()
-            tables.write(rows, self.table_rows(0, rows, h))
+        max_rows = _shared_rows(max(1, budget // row_bytes), destinations[0],
+                                self.graph.num_nodes)
+        for k, (_, rows) in enumerate(_row_blocks(self.graph, destinations[0], max_rows)):
+            if self.mine(k, 0):
+                h = to_device(host_tensor(np.asarray(features[rows])), self.device).float()
+                tables.write(rows, self.table_rows(0, rows, h))
+        done: NodeTables | None = None  # tables that no rank reads once this layer's are written
         for layer, ops in enumerate(self.ops):
             last = layer == len(self.ops) - 1
+            if self.share is not None:
+                self.share.barrier(f"every rank's rows of the tables of layer {layer + 1}")
+                if done is not None:
+                    done.delete(unlink=self.owner)
             following = None if last else self.tables(layer + 1)
             conv = self.encoder.convs[layer]
             later = 0 if last else sum(self.ops[layer + 1].widths)
@@ -218,8 +274,13 @@ class _Pass:
             max_rows = max(1, budget // 2 // row_bytes)
             if batch_size is not None:
                 max_rows = min(max_rows, batch_size)
-            for start, rows in _row_blocks(self.graph, destinations[layer + 1], max_rows,
-                                           max(1, budget // 2 // edge_bytes)):
+            if not last:
+                max_rows = _shared_rows(max_rows, destinations[layer + 1], self.graph.num_nodes)
+            blocks = _row_blocks(self.graph, destinations[layer + 1], max_rows,
+                                 max(1, budget // 2 // edge_bytes))
+            for k, (start, rows) in enumerate(blocks):
+                if not self.mine(k, layer + 1):
+                    continue
                 block = Block(self.graph, rows, tables, self.device,
                               features if layer == 0 else None)
                 h = finish_layer(self.encoder, layer, ops.block(block))
@@ -229,8 +290,19 @@ class _Pass:
                     following.write(rows, self.table_rows(layer + 1, rows, h))
                 if self.progress is not None:
                     self.progress(layer, h.shape[0])
-            tables.delete()
+            if self.share is None or last:  # a peer still reading keeps the file's blocks
+                tables.delete(unlink=self.owner)
+            else:
+                done = tables
             tables = following
+
+
+def _shared_rows(max_rows: int, ids: np.ndarray | None, num_nodes: int) -> int:
+    """``max_rows`` lowered so that a layer of the rows ``ids`` (None: all) has at least
+    :data:`LAYER_BLOCKS` blocks (of at least :data:`MIN_BLOCK_ROWS` rows), which ranks
+    can share; the same for any number of ranks, so the blocks are those of one process."""
+    count = num_nodes if ids is None else ids.size
+    return min(max_rows, max(MIN_BLOCK_ROWS, -(-count // LAYER_BLOCKS)))
 
 
 def _row_blocks(graph: GraphArrays, ids: np.ndarray | None, max_rows: int,

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from bgrl_dgl.embeddings.layer_progress import embed_store_with_progress
+from bgrl_dgl.embeddings.layerwise import LayerShare
 from bgrl_dgl.embeddings.parquet import PartLayout
 from bgrl_dgl.embeddings.rowstream import StreamedParts
 from bgrl_dgl.errors import InputError
@@ -48,17 +49,23 @@ def sampled_embeddings(encoder: Encoder, sampler: NeighborBatchSampler, nodes: n
 
 def compute_parts(encoder: Encoder, store: GraphStore, layout: PartLayout, parts: list[int],
                   out: np.ndarray | StreamedParts, options: InferenceOptions, scratch: Path,
-                  sampling_degrees: bool, device: torch.device) -> None:
+                  sampling_degrees: bool, device: torch.device, share: LayerShare | None = None,
+                  shared_parts: list[int] | None = None) -> None:
     """Embeddings of the rows of ``parts`` (ascending), one after another, into ``out``
-    (an array, or with exact inference a sink of the rows in order)."""
+    (an array, or with exact inference a sink of the rows in order). ``share``: exact
+    inference whose earlier layers this rank computes with others (see ranks.py) for the
+    parts ``shared_parts`` of all of them, in the directory ``scratch`` that they share."""
     encoder = encoder.to(device)
     if options.fanouts is None:
-        everything = layout.nodes is None and len(parts) == layout.num_parts
-        nodes = None if everything else np.concatenate([layout.node_ids(p) for p in parts])
-        embed_store_with_progress(encoder, store, nodes, batch_size=options.batch_size,
-                                  device=device, scratch_dir=scratch, out=out,
+        shared = None
+        if share is not None:
+            shared = part_nodes(layout, parts if shared_parts is None else shared_parts)
+        embed_store_with_progress(encoder, store, part_nodes(layout, parts),
+                                  batch_size=options.batch_size, device=device,
+                                  scratch_dir=scratch, out=out,
                                   scratch_dtype=options.scratch_dtype,
-                                  check_space=False)  # checked by the export
+                                  check_space=False,  # checked by the export
+                                  share=share, shared_nodes=shared)
         return
     sampler = NeighborBatchSampler(store, options.fanouts, sampling_degrees)
     offset = 0
@@ -69,6 +76,15 @@ def compute_parts(encoder: Encoder, store: GraphStore, layout: PartLayout, parts
                                options.batch_size or 4096, options.seed, part, device)
             offset += nodes.size
             bar.update(nodes.size)
+
+
+def part_nodes(layout: PartLayout, parts: list[int]) -> np.ndarray | None:
+    """The store indices of the rows of ``parts`` (ascending; None: every node)."""
+    if layout.nodes is None and len(parts) == layout.num_parts:
+        return None
+    if not parts:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([layout.node_ids(p) for p in parts])
 
 
 def check_fanouts(fanouts: list[int] | None, num_layers: int) -> None:
