@@ -24,6 +24,7 @@ processes (so never a live peer's).
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -105,7 +106,11 @@ class RankSession:
         finally:
             if self.rank == 0 and self.directory is not None:
                 shutil.rmtree(self.directory, ignore_errors=True)
+            self.group = None
             if self.owns_group:
+                # Nothing refers to the group any more: it is freed now, while the peers
+                # are still connected (freed later, its threads wait for peers long gone).
+                gc.collect()
                 dist.destroy_process_group()
 
     def _join_group(self) -> None:
