@@ -221,7 +221,7 @@ class RankSession:
             return
         if record.get("rank", rank) != rank or record["host"] != socket.gethostname():
             return
-        if not same_process_alive(record["pid"], record["start"]):
+        if not same_process_alive(record["pid"], record["start"]) or zombie(record["pid"]):
             raise RunError(self._failure(what, f"rank {rank} (pid {record['pid']}) "
                                                         "has died"))
 
@@ -241,6 +241,15 @@ class RankSession:
         return (f"rank {self.rank} of {self.world_size}: gave up waiting for {what} ({why}); "
                 "another rank stopped or is stuck. Complete parts are kept: rerun all ranks "
                 "to finish the export")
+
+
+def zombie(pid: int) -> bool:
+    """Whether process ``pid`` has ended but its parent has not yet collected it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[:1] == ["Z"]
 
 
 def one_line(err: BaseException) -> str:

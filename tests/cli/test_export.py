@@ -1,5 +1,6 @@
 """``bgrl-dgl embed``: Parquet parts that hold every node once with the exact layer-wise
-embeddings, resumable part by part, split across ranks, refusing bad input up front."""
+embeddings, resumable part by part, refusing bad input up front (several ranks:
+tests/distributed/test_embed_ranks.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -243,23 +244,6 @@ def test_complete_or_foreign_output_is_refused_without_overwrite(cli, run_dir, t
     # An unfinished export is resumed only with the same inputs.
     (out / "_SUCCESS").unlink()
     assert_input_error(cli("embed", "--run", run_dir, "--out", out), "other inputs")
-
-
-def test_two_ranks_write_disjoint_parts_and_the_last_one_completes(cli, run_dir, reference,
-                                                                   tmp_path, monkeypatch):
-    out = tmp_path / "emb"
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
-    result = cli("embed", "--run", run_dir, "--out", out, "--rows-per-part", "150")
-    assert result.returncode == 0, result.stderr
-    assert part_files(out) == ["part-00000.parquet", "part-00001.parquet"]
-    assert not (out / "_SUCCESS").exists() and not (out / "_manifest.json").exists()
-    monkeypatch.setenv("RANK", "1")
-    assert cli("embed", "--run", run_dir, "--out", out, "--rows-per-part", "150").returncode == 0
-    assert len(part_files(out)) == 4 and (out / "_SUCCESS").exists()
-    node_id, values = read_export(out)
-    np.testing.assert_array_equal(node_id, np.arange(NUM_NODES))
-    np.testing.assert_allclose(values, reference, rtol=0, atol=1e-5)
 
 
 BAD_INPUT = {  # case -> (arguments besides --out, fragment of the error line)
