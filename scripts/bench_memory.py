@@ -1,4 +1,5 @@
-"""Per-process anonymous memory of training as the graph grows: does it stay flat?
+"""Per-process memory of training as the graph grows (does it stay flat?), and the CPU time
+and scratch space of ``embed`` split across ranks.
 
 ``measure_train`` runs ``bgrl-dgl train`` under ``torchrun`` with 2 ranks x 2 sampling workers
 on the CPU for a few tens of steps, on synthetic stores of 1M and 10M nodes, and samples
@@ -10,9 +11,21 @@ from the end of the third logged step to the last one, so start-up transients (i
 model, the first batches) are left out. ``worker_growth_mb`` and ``rank_growth_mb`` are the
 growth of the largest worker and rank figure from the small store to the large one.
 
+``measure_embed``: exact ``embed`` of every node of a 1M-node store (``--store-1m``, else
+one prepared as bench_export.py does: average input degree 10, 128-d float16 features) with
+the encoder of a one-step run next to the store (a GCN ``--hidden``), by one process, then
+by ``--ranks`` ranks under torchrun (``python -m torch.distributed.run --standalone
+--nproc-per-node 2 -m bgrl_dgl embed ...``), each with its own ``--scratch-dir``. Measured
+for each: the CPU time (user + sys of the command and all its processes, from
+``getrusage(RUSAGE_CHILDREN)``), the wall time and the peak bytes of the files under the
+scratch directory (polled every 20 ms); the two exports are compared row by row.
+``embed_cpu_ratio`` (ranks over one process; goal <= 1.2), ``embed_scratch_ratio`` (goal
+<= 1.1), ``embed_wall_ratio``, ``embed_equal`` (bit-identical exports),
+``embed_max_abs_diff`` and the raw figures.
+
 Usage::
 
-    python scripts/bench_memory.py [--only train|all] [--store-1m DIR --store-10m DIR]
+    python scripts/bench_memory.py [--only train|embed|all] [--store-1m DIR --store-10m DIR]
 
 Stores not given are prepared once into ``--cache-dir`` (default ``data/``) and reused. The
 last line of output is one JSON object.
@@ -23,6 +36,8 @@ import argparse
 import inspect
 import json
 import os
+import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,7 +46,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from benchlib import DATA, REPO, size_label, synthetic_store
+import numpy as np
+from bench_export import one_step_run, read_export
+
+from benchlib import DATA, REPO, benchmark_store, size_label, synthetic_store
 from memwatch import read_parent_pid, rss_anon_bytes
 
 MB = 1e6
@@ -179,6 +197,104 @@ def measure_train(store_1m: Path | None = None, store_10m: Path | None = None,
     return result
 
 
+class ScratchWatch:
+    """The peak total size of the files under ``directory``, polled in a thread."""
+
+    def __init__(self, directory: Path, every: float = 0.02) -> None:
+        self.directory, self.every, self.peak = directory, every, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _size(self) -> int:
+        total = 0
+        for root, _, files in os.walk(self.directory):
+            for name in files:
+                try:
+                    total += os.stat(os.path.join(root, name)).st_size
+                except FileNotFoundError:
+                    pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._size())
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> "ScratchWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed_embed(command: list[str], scratch: Path) -> dict:
+    """Run ``command``; its CPU seconds (all its processes), wall seconds, peak scratch."""
+    cpu, start = children_cpu_s(), time.perf_counter()
+    print("running:", " ".join(command), flush=True)
+    with ScratchWatch(scratch) as watch:
+        result = subprocess.run(command, cwd=REPO, stdin=subprocess.DEVNULL)
+    if result.returncode:
+        sys.exit(f"failed: {' '.join(command)}")
+    return {"cpu_s": children_cpu_s() - cpu, "wall_s": time.perf_counter() - start,
+            "scratch_bytes": watch.peak}
+
+
+def measure_embed(store_1m: Path | None = None, hidden: str = "256,128",
+                  ranks: int = 2) -> dict[str, Any]:
+    """Exact ``embed`` by one process and by ``ranks`` ranks under torchrun.
+
+    Args:
+        store_1m: the store to embed (None: data/bench-export-1m, prepared once).
+        hidden: the encoder layer sizes of the one-step run made next to the store.
+        ranks: processes of the torchrun launch.
+
+    Returns:
+        The ratios (ranks over one process) and raw figures of the module docstring.
+    """
+    store = store_1m
+    if store is None:
+        store = benchmark_store("export", argparse.Namespace(
+            num_nodes=1_000_000, avg_degree=10.0, feat_dim=128), num_classes=16)
+    run = one_step_run(store, hidden)
+    checkpoint = sorted((run / "checkpoints").glob("step-*.pt"))[-1]
+    work = Path(tempfile.mkdtemp(prefix="bench-memory-", dir=DATA))
+    try:
+        figures, exports = {}, {}
+        for label, launch in (("1", [sys.executable, "-m", "bgrl_dgl"]),
+                              (str(ranks), [sys.executable, "-m", "torch.distributed.run",
+                                            "--standalone", f"--nproc-per-node={ranks}",
+                                            "-m", "bgrl_dgl"])):
+            out, scratch = work / f"emb-{label}", work / f"scratch-{label}"
+            scratch.mkdir()
+            figures[label] = timed_embed(
+                [*launch, "embed", "--checkpoint", str(checkpoint), "--data", str(store),
+                 "--out", str(out), "--scratch-dir", str(scratch), "--device", "cpu",
+                 "--no-progress"], scratch)
+            exports[label] = read_export(out)
+            shutil.rmtree(out)
+        one, many = figures["1"], figures[str(ranks)]
+        diff = float(np.abs(exports["1"] - exports[str(ranks)]).max())
+        result = {"embed_nodes": int(exports["1"].shape[0]), "embed_ranks": ranks,
+                  "embed_cpu_ratio": round(many["cpu_s"] / one["cpu_s"], 3),
+                  "embed_scratch_ratio": round(many["scratch_bytes"] / one["scratch_bytes"], 3),
+                  "embed_wall_ratio": round(many["wall_s"] / one["wall_s"], 3),
+                  "embed_equal": bool(np.array_equal(exports["1"], exports[str(ranks)])),
+                  "embed_max_abs_diff": diff}
+        for label, values in figures.items():
+            result.update({f"embed_{key}_{label}": round(value, 2) if key != "scratch_bytes"
+                           else value for key, value in values.items()})
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def available_measures() -> dict[str, Callable[..., dict[str, Any]]]:
     """{part: measure_<part>} for the parts this script defines (``train``, ``embed``)."""
     return {part: globals()[f"measure_{part}"] for part in ("train", "embed")
@@ -203,6 +319,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=30, help="training steps per run")
     parser.add_argument("--batch-size", type=int, default=256, help="seeds per rank and step")
     parser.add_argument("--interval", type=float, default=0.1, help="seconds between samples")
+    parser.add_argument("--hidden", default="256,128",
+                        help="embed: encoder layer sizes of the one-step run (default: 256,128)")
+    parser.add_argument("--ranks", type=int, default=2,
+                        help="embed: ranks compared with one process (default: 2)")
     return parser.parse_args(argv)
 
 

@@ -9,19 +9,27 @@ are computed independently of one another:
   same inputs keeps the complete parts and computes and writes only the missing ones (with
   exact inference, the layers before the last still run for every node the missing parts
   read: with a power-law graph, usually nearly all of them).
-- Under ``torchrun`` (``RANK``/``WORLD_SIZE``), rank ``r`` of ``W`` takes the ``r``-th of
-  ``W`` contiguous blocks of parts. No process group is needed: whichever process finds all
-  parts present when it finishes writes the manifest and ``_SUCCESS``. Without a barrier,
-  ``--overwrite`` cannot be coordinated between ranks: delete an old export before starting
-  several ranks on it.
+- Under ``torchrun`` (``RANK``/``WORLD_SIZE``), rank ``r`` of ``W`` writes the ``r``-th of
+  ``W`` contiguous blocks of parts. With exact inference the ranks work as one (ranks.py):
+  rank 0 claims OUT (``--overwrite`` included) and checks the scratch space once for all;
+  every layer before the last is computed once, each rank computing a share of its rows into
+  one set of tables in a scratch directory that all ranks see (``--scratch-dir`` on several
+  machines must be shared storage), and the ranks wait for each other between layers (a
+  gloo group under torchrun, files in that directory for processes started by hand, which
+  must then run at the same time). Each rank computes the last layer for its own parts, and
+  rank 0 writes the manifest and ``_SUCCESS`` when all are written. A rank that dies makes
+  the others fail with one line (at the latest after ``BGRL_EMBED_BARRIER_TIMEOUT``
+  seconds, default 1800); a rerun finishes the export. Sampled ranks work alone: whichever
+  finds all parts present when it finishes writes the manifest, and an old export must be
+  deleted before several ranks start on it (they cannot agree on ``--overwrite``).
 
 The embeddings never sit in memory at once. With exact inference the last layer's rows go,
 block by block, to a writer thread that writes them row group by row group and commits each
 part when complete (rowstream.py); the layers' tables live in a scratch directory, inside
 OUT by default. Sampled embeddings are written to a memmap in the scratch directory, from
-which the parts are streamed. The scratch space is checked (for every rank of this machine)
-and each memmap allocated before any layer runs, and a rerun first removes the scratch
-directories of runs that died (see scratch.py). A full disk met while writing ends the
+which the parts are streamed. The scratch space is checked and each memmap allocated
+before any layer runs, and a rerun first removes the scratch directories of runs that died
+(see scratch.py). A full disk met while writing ends the
 export with one line (the command line maps the OSError), keeping the complete parts for a
 rerun.
 """
@@ -32,7 +40,6 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,18 +47,22 @@ import numpy as np
 import torch
 
 from bgrl_dgl import config as cfg
+from bgrl_dgl.embeddings.claim import (
+    claim_output,
+    finish_if_complete,
+    layout_rows,
+    part_complete,
+    parts_to_compute,
+)
 from bgrl_dgl.embeddings.layerwise import scratch_requirement
 from bgrl_dgl.embeddings.parquet import (
     DTYPES,
     FORMAT,
-    INPUTS_FILE,
     MANIFEST_FILE,
-    PART_NAME,
     SUCCESS_FILE,
     ParquetPart,
     PartLayout,
     embedding_schema,
-    part_is_complete,
     part_name,
     write_part,
 )
@@ -66,12 +77,7 @@ from bgrl_dgl.embeddings.scratch import (
 )
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.io import (
-    TEMP_NAME,
-    file_sha256,
-    read_json,
     remove_stale_temp_files,
-    temp_path,
-    write_atomic,
 )
 from bgrl_dgl.progress import progress_bar
 from bgrl_dgl.runs import RunEncoder, load_encoder
@@ -109,97 +115,6 @@ def export_inputs(store: GraphStore, source: RunEncoder, which: str, dtype: str,
         "config": cfg.to_dict(source.config),
     }
     return json.loads(json.dumps(inputs))
-
-
-def clear_export(out: Path) -> None:
-    """Delete an export's own files, the completion marker first."""
-    for name in (SUCCESS_FILE, MANIFEST_FILE):
-        (out / name).unlink(missing_ok=True)
-    for entry in out.iterdir():
-        if PART_NAME.fullmatch(entry.name):
-            entry.unlink()
-    (out / INPUTS_FILE).unlink(missing_ok=True)
-
-
-def claim_output(out: Path, inputs: dict[str, Any], overwrite: bool) -> None:
-    """Make ``out`` the export of ``inputs``, keeping the parts of an unfinished export of the
-    same inputs. A complete export, or an unfinished one of other inputs, is replaced only
-    with ``overwrite``; a directory that is not an export is never written into."""
-    if out.exists() and not out.is_dir():
-        raise InputError(out, "exists and is not a directory")
-    if out.is_dir():
-        recorded_path = out / INPUTS_FILE
-        if recorded_path.exists():
-            recorded = read_json(recorded_path)
-            complete = (out / SUCCESS_FILE).exists()
-            if complete and not overwrite:
-                raise InputError(out, "already holds a complete embedding export; pass "
-                                      "--overwrite to replace it")
-            if recorded != inputs and not overwrite:
-                raise InputError(out, "holds an unfinished export of other inputs; rerun with "
-                                      "the same inputs to finish it, or pass --overwrite")
-            if complete or recorded != inputs:
-                clear_export(out)
-        elif any(not TEMP_NAME.fullmatch(entry.name) for entry in out.iterdir()):
-            raise InputError(out, "exists and is not an embedding export; refusing to write "
-                                  "into it")
-    out.mkdir(parents=True, exist_ok=True)
-    publish_inputs(out, inputs)
-
-
-def publish_inputs(out: Path, inputs: dict[str, Any]) -> None:
-    """Write ``_inputs.json`` unless present; if another process wrote it first (another
-    rank), it must record the same inputs."""
-    path = out / INPUTS_FILE
-    tmp = temp_path(path)
-    tmp.write_text(json.dumps(inputs, indent=1) + "\n", encoding="utf-8")
-    try:
-        os.link(tmp, path)  # fails if the file exists: the first writer wins
-    except FileExistsError:
-        if read_json(path) != inputs:
-            raise InputError(out, "another process is writing an export of other inputs "
-                                  "here") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def finish_if_complete(out: Path, inputs: dict[str, Any], layout: PartLayout) -> bool:
-    """Write the manifest, then ``_SUCCESS``, if every part is present; returns whether the
-    export is complete."""
-    files = [out / part_name(p) for p in range(layout.num_parts)]
-    if not all(path.exists() for path in files):
-        return False
-    parts = [{"file": path.name, "rows": list(layout.rows(p)), "bytes": path.stat().st_size,
-              "sha256": file_sha256(path)} for p, path in enumerate(files)]
-    manifest = {**inputs, "parts": parts,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    write_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
-    write_atomic(out / SUCCESS_FILE, "")
-    return True
-
-
-def layout_rows(layout: PartLayout, parts: list[int]) -> int:
-    """The number of rows of ``parts``."""
-    return sum(layout.rows(p)[1] - layout.rows(p)[0] for p in parts)
-
-
-def part_complete(out: Path, layout: PartLayout, part: int, schema: Any) -> bool:
-    """Whether part ``part`` of ``out`` is written and complete."""
-    start, end = layout.rows(part)
-    return part_is_complete(out / part_name(part), end - start, schema)
-
-
-def parts_to_compute(out: Path, inputs: dict[str, Any], layout: PartLayout, mine: list[int],
-                     schema: Any, overwrite: bool) -> list[int]:
-    """Which of the parts ``mine`` the export will compute (read-only: before
-    :func:`claim_output`): those missing from an unfinished export of the same inputs,
-    else all of them."""
-    recorded = out / INPUTS_FILE
-    keeps_parts = (recorded.is_file() and read_json(recorded) == inputs
-                   and not (overwrite and (out / SUCCESS_FILE).exists()))
-    if not keeps_parts:
-        return list(mine)
-    return [p for p in mine if not part_complete(out, layout, p, schema)]
 
 
 @dataclass(frozen=True)
