@@ -29,9 +29,8 @@ part when complete (rowstream.py); the layers' tables live in a scratch director
 OUT by default. Sampled embeddings are written to a memmap in the scratch directory, from
 which the parts are streamed. The scratch space is checked and each memmap allocated
 before any layer runs, and a rerun first removes the scratch directories of runs that died
-(see scratch.py). A full disk met while writing ends the
-export with one line (the command line maps the OSError), keeping the complete parts for a
-rerun.
+(see scratch.py). A full disk met while writing ends the export with one line (the command
+line maps the OSError), keeping the complete parts for a rerun.
 """
 from __future__ import annotations
 

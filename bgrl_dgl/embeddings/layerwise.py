@@ -17,6 +17,12 @@ Given a subset of nodes, the last layer runs for those only and each earlier lay
 the nodes that the next one reads (its destinations and their in-neighbours). GCN
 normalisation uses whole-graph degrees, so the result equals a forward pass over the whole
 graph at once.
+
+Several processes (the ranks of an export) can share the layers before the last
+(:class:`LayerShare`): the blocks of each such layer are the same for any number of ranks
+(at least :data:`LAYER_BLOCKS` of them), rank ``r`` of ``W`` computes every ``W``-th into
+tables that rank 0 creates in a directory they all see, and the ranks wait for each other
+before a layer reads them. Each rank then computes the last layer for its own nodes.
 """
 from __future__ import annotations
 
