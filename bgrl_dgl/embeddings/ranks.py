@@ -35,6 +35,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from bgrl_dgl.errors import RunError
@@ -81,6 +82,7 @@ class RankSession:
         self.group: Any = None
         self.owns_group = False
         self.step = 0
+        self._in_flight: list[torch.Tensor] = []
 
     # ---- setup and teardown ---------------------------------------------------------------
     def __enter__(self) -> "RankSession":
@@ -112,6 +114,7 @@ class RankSession:
                 # are still connected (freed later, its threads wait for peers long gone).
                 gc.collect()
                 dist.destroy_process_group()
+            self._in_flight.clear()
 
     def _join_group(self) -> None:
         timeout = timedelta(seconds=self.timeout)
@@ -180,12 +183,23 @@ class RankSession:
         self.gather(None, what)
 
     def _all_gather(self, value: Any, what: str) -> list[Any]:
-        values: list[Any] = [None] * self.world_size
+        """Every rank's JSON ``value`` through the group. The tensors stay referenced until
+        the group is destroyed: a gloo worker thread that dropped the last reference to one
+        would need the interpreter lock, which the thread destroying the group holds."""
+        data = torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
+        size = torch.tensor([data.numel()], dtype=torch.int64)
         try:
-            dist.all_gather_object(values, value, group=self.group)
+            dist.all_gather(sizes, size, group=self.group)
+            longest = max(int(n) for n in sizes)
+            padded = torch.zeros(longest, dtype=torch.uint8)
+            padded[:data.numel()] = data
+            gathered = [torch.zeros(longest, dtype=torch.uint8) for _ in range(self.world_size)]
+            dist.all_gather(gathered, padded, group=self.group)
         except RuntimeError as err:
             raise RunError(self._failure(what, one_line(err))) from None
-        return values
+        self._in_flight.extend([size, padded, *sizes, *gathered])
+        return [json.loads(bytes(t[:int(n)].tolist())) for t, n in zip(gathered, sizes)]
 
     def _post(self, step: int, value: Any, what: str) -> None:
         assert self.directory is not None

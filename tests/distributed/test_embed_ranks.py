@@ -140,6 +140,10 @@ def test_hand_started_ranks_use_a_file_barrier_and_a_rerun_keeps_complete_parts(
     assert (out / "part-00000.parquet").stat().st_mtime_ns == kept
     np.testing.assert_allclose(embeddings(out), reference, rtol=0, atol=1e-6)
     assert (out / "_SUCCESS").exists() and leftovers(out) == []
+    # Rank 0's refusal of a complete export is every rank's, in one line.
+    for code, output in finish(by_hand(sources, out, records)):
+        assert code == 2 and output.count("\n") == 1, output
+        assert output.startswith("error: ") and "already holds a complete" in output, output
 
 
 @pytest.mark.parametrize("killed", [0, 1])
