@@ -198,7 +198,9 @@ def add_embed_parser(commands: argparse._SubParsersAction) -> None:
                             "memory budget with exact inference, 4096 with --fanouts)")
     embed.add_argument("--rows-per-part", type=int,
                        help="rows per Parquet file (default: 4 row groups of about 64 MB)")
-    embed.add_argument("--scratch-dir", help="where the layers' memmaps go (default: inside --out)")
+    embed.add_argument("--scratch-dir",
+                       help="where the layers' memmaps go (default: inside --out); exact "
+                            "ranks share them: on several machines, use shared storage")
     embed.add_argument("--scratch-dtype", choices=["float32", "float16"], default="float32",
                        help="precision of the intermediate layers kept in the scratch directory "
                             "with exact inference; float16 halves their size (default: float32)")
