@@ -1,8 +1,10 @@
 """Compare the memory plan with what a training run uses: the per-process and per-worker
 figures of ``bgrl-dgl plan`` against the peak anonymous memory (``RssAnon`` of
-``/proc/<pid>/status``) of the ``train`` process and of each of its sampling workers, and the
-plan's batches in flight against the peak of /dev/shm's used bytes over the run (less those
-used before it started).
+``/proc/<pid>/status``) of the ``train`` process and of each of its sampling workers, the
+plan's /dev/shm figure (shared arrays and batches in flight; no feature cache) against the
+peak of /dev/shm's used bytes over the run (less those used before it started; other users
+of /dev/shm on the machine blur it), and the planned batch against the mean of batches
+sampled with the run's settings.
 
 The store is the float16 synthetic one of ``bench_train.py`` (``data/bench-train-<nodes>``,
 prepared once and reused). ``train`` runs on the CPU with ``--num-workers`` workers (default
@@ -159,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         "worker_planned_mib": round(planned.worker / MIB, 1),
         "worker_measured_mib": [round(peak / MIB, 1) for peak in workers],
         "in_flight_planned_mib": round(planned.in_flight / MIB, 1),
+        "shm_planned_mib": round(planned.shm_needed / MIB, 1),
         "shm_peak_measured_mib": round(sampler.shm_peak / MIB, 1),
     }
     print(json.dumps(result))
