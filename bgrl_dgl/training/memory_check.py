@@ -79,9 +79,10 @@ def check_machine_memory(store: GraphStore, config: TrainConfig, world: World, c
         cache_dir: where the run's feature cache lives (None without one).
 
     Returns:
-        The plan (its ``in_flight`` bytes the feature cache must leave free), the lines that
-        announce it and, when the topology does not fit in the page cache left, a warning;
-        the lines and the warning on rank 0 only (none and None on the other ranks).
+        The plan (the feature cache must leave its shared arrays and batches in flight
+        room in /dev/shm), the lines that announce it and, when the topology does not fit
+        in the page cache left, a warning; the lines and the warning on rank 0 only (none
+        and None on the other ranks).
     """
     plan = plan_memory(GraphSizes.of_store(store, num_seeds), config, world.local_world_size,
                        cuda)
