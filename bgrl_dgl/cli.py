@@ -1,4 +1,4 @@
-"""The ``bgrl-dgl`` command line: prepare, info, train, probe, embed, evaluate, report."""
+"""The ``bgrl-dgl`` command line: prepare, info, train, plan, embed, evaluate, report."""
 from __future__ import annotations
 
 import argparse
@@ -132,8 +132,8 @@ def load_train_config(args: argparse.Namespace):
     from bgrl_dgl.training.config import TrainConfig
 
     data: dict = {}
-    saved = Path(args.out) / CONFIG_FILE
-    if args.resume and saved.is_file():
+    saved = Path(args.out) / CONFIG_FILE if getattr(args, "resume", False) else None
+    if saved is not None and saved.is_file():
         data = cfg.load_yaml(saved)
         TrainConfig.from_plain(data, str(saved))  # errors name the file they are in
     if args.config:
@@ -150,6 +150,51 @@ def run_train(args: argparse.Namespace) -> int:
     if metrics and world.is_main:
         print(f"trained to step {int(metrics['step'])}: loss {metrics['loss']:.4f}; "
               f"run in {args.out}")
+    return 0
+
+
+def add_plan_parser(commands: argparse._SubParsersAction) -> None:
+    from bgrl_dgl.training.config import TrainConfig
+
+    plan = commands.add_parser(
+        "plan", help="memory a training run needs per machine",
+        description="Print the memory that `train` with these settings needs on each machine "
+                    "(page cache, feature cache and batches in /dev/shm, processes, workers, "
+                    "pinned batches) against this machine's RAM and /dev/shm, or against "
+                    "--ram and --shm; exit 2 with the error `train` would give when it does "
+                    "not fit. The graph: a store (--data) or its sizes (--nodes, --edges, "
+                    "--feat-dim, --feature-dtype).")
+    plan.add_argument("--data", help="store directory (its sizes and seed nodes)")
+    plan.add_argument("--nodes", type=int, help="number of nodes (without --data)")
+    plan.add_argument("--edges", type=int, help="number of stored edges (without --data)")
+    plan.add_argument("--feat-dim", type=int, help="feature size (without --data)")
+    plan.add_argument("--feature-dtype", choices=["float16", "float32"], default="float32",
+                      help="stored feature dtype (without --data; default: float32)")
+    plan.add_argument("--directed", action="store_true",
+                      help="the graph is not symmetrised (without --data)")
+    plan.add_argument("--nproc-per-node", type=int, default=1,
+                      help="training processes per machine (default: 1)")
+    plan.add_argument("--ram", type=cfg.parse_size,
+                      help="the machine's available RAM (default: this machine's MemAvailable)")
+    plan.add_argument("--shm", type=cfg.parse_size,
+                      help="the machine's free /dev/shm (default: this machine's)")
+    plan.add_argument("--config", help="YAML file of settings")
+    cfg.add_section_arguments(plan, TrainConfig)
+    plan.set_defaults(handler=run_plan)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from bgrl_dgl.training.memory_check import plan_report
+
+    lines, warning, problem = plan_report(
+        load_train_config(args), data=args.data, nodes=args.nodes, edges=args.edges,
+        feat_dim=args.feat_dim, feature_dtype=args.feature_dtype, directed=args.directed,
+        processes=args.nproc_per_node, ram=args.ram, shm=args.shm)
+    print("\n".join(lines), flush=True)
+    if warning is not None:
+        print(warning, file=sys.stderr, flush=True)
+    if problem is not None:
+        raise problem
     return 0
 
 
@@ -337,6 +382,7 @@ PARSER_BUILDERS: dict[str, Callable[..., None]] = {
     "prepare": add_prepare_parser,
     "info": add_info_parser,
     "train": add_train_parser,
+    "plan": add_plan_parser,
     "embed": add_embed_parser,
     "evaluate": add_evaluate_parser,
     "report": add_report_parser,

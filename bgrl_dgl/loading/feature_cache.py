@@ -220,13 +220,17 @@ class FeatureCache:
     @classmethod
     def build(cls, store: "GraphStore", budget: int, policy: CachePolicy = "degree", *,
               fanouts: list[int] | None = None, seed_nodes: np.ndarray | None = None,
-              batch_size: int = 256, seed: int = 0, root: Path | None = None) -> "FeatureCache":
+              batch_size: int = 256, seed: int = 0, root: Path | None = None,
+              reserve: int = 0) -> "FeatureCache":
         """The machine's cache of ``store``'s hot rows within ``budget`` bytes.
 
         Written by this process unless it exists already; ``fanouts``, ``seed_nodes``,
         ``batch_size`` and ``seed`` drive the sampling pass of the ``sampled`` policy
-        (default: fanouts [10, 10]; ``seed_nodes`` None: every node). InputError when a
-        directory under its name is not this user's cache of these settings.
+        (default: fanouts [10, 10]; ``seed_nodes`` None: every node). ``reserve``: bytes of
+        the cache's file system that must stay free besides the cache (the batches in flight,
+        which the workers hand over through the same shared memory). InputError when a
+        directory under its name is not this user's cache of these settings, or when the
+        file system cannot hold the cache and ``reserve``.
         """
         fanouts = [10, 10] if fanouts is None else list(fanouts)
         directory, expected = cache_plan(store, budget, policy, fanouts=fanouts,
@@ -242,7 +246,7 @@ class FeatureCache:
             else:
                 ids = hot_nodes(store, expected["rows"], policy, fanouts=fanouts,
                                 seed_nodes=seed_nodes, batch_size=batch_size, seed=seed)
-                write_cache(directory, store, ids, expected)
+                write_cache(directory, store, ids, expected, reserve)
                 owner = True
         return cls(directory, owner, expected)
 
@@ -297,14 +301,16 @@ def cache_identity(store: "GraphStore", rows: int) -> dict[str, Any]:
 
 
 def write_cache(directory: Path, store: "GraphStore", ids: np.ndarray,
-                settings: dict[str, Any]) -> None:
+                settings: dict[str, Any], reserve: int = 0) -> None:
     """Write the cache of rows ``ids`` (ascending) to ``directory`` (a private temp directory
-    renamed into place); ``settings`` go to meta.json."""
+    renamed into place); ``settings`` go to meta.json; ``reserve`` bytes of the file system
+    must stay free besides the cache."""
     row_bytes = store.feat_dim * store.feat_dtype.itemsize
     needed = len(ids) * row_bytes + store.num_nodes * 4
     free = shutil.disk_usage(directory.parent).free
-    if needed > free:
-        raise InputError(directory.parent, f"the feature cache needs {needed} bytes, "
+    if needed + reserve > free:
+        kept = f" besides {reserve} bytes kept for the batches in flight" if reserve else ""
+        raise InputError(directory.parent, f"the feature cache needs {needed} bytes{kept}, "
                                            f"only {free} are free")
     tmp = private_temp_dir(directory)
     try:
@@ -333,14 +339,16 @@ def write_cache(directory: Path, store: "GraphStore", ids: np.ndarray,
 def check_found_cache(store: "GraphStore", budget: int, policy: CachePolicy, *,
                       fanouts: list[int], seed_nodes: np.ndarray | None, batch_size: int,
                       seed: int,
-                      root: Path | None = None) -> None:
+                      root: Path | None = None) -> Path:
     """InputError when something that is not this user's cache of these settings (those of
     :meth:`FeatureCache.build`) sits under its name: checked before a run writes anything;
-    :meth:`FeatureCache.build` checks again when it finds the directory."""
+    :meth:`FeatureCache.build` checks again when it finds the directory. Returns the cache's
+    directory (whether or not it exists)."""
     directory, expected = cache_plan(store, budget, policy, fanouts=fanouts,
                                      seed_nodes=seed_nodes, batch_size=batch_size, seed=seed,
                                      root=root)
     if os.path.lexists(directory):
         open_cache_files(directory, expected)
+    return directory
 
 

@@ -39,6 +39,10 @@ from bgrl_dgl.loading.sampler import NeighborBatchSampler, SampledBatch, batch_r
 from bgrl_dgl.loading.shared_arrays import SharedArrays, map_degrees
 from bgrl_dgl.store.reader import GraphStore, read_node_ids
 
+# Batches each worker keeps outstanding (the DataLoader's prefetch_factor); they travel
+# through shared memory, which the memory plan reserves for them.
+PREFETCH_FACTOR = 2
+
 
 @dataclass
 class SamplingConfig:
@@ -323,7 +327,8 @@ class BatchLoader:
         # from torch's global generator, whose state a checkpoint restores (dropout draws).
         yield from DataLoader(
             dataset, batch_size=None, sampler=steps, num_workers=self.config.num_workers,
-            multiprocessing_context="forkserver", prefetch_factor=2, worker_init_fn=_worker_init,
+            multiprocessing_context="forkserver", prefetch_factor=PREFETCH_FACTOR,
+            worker_init_fn=_worker_init,
             generator=torch.Generator(), pin_memory=self.pin_memory,
         )
 
@@ -381,28 +386,30 @@ def _exit_when_gone(pid: int, handle: int | None) -> None:
 
 
 def check_training_cache(store: GraphStore, config: SamplingConfig,
-                         seed_nodes: np.ndarray | None, seed: int) -> None:
+                         seed_nodes: np.ndarray | None, seed: int) -> Path | None:
     """InputError when ``config.cache_bytes`` holds no feature row, or when something other
     than this user's cache of the run's settings sits under the name of the training run's
     feature cache (no check when ``config.cache_bytes`` is 0); called before the run writes
-    anything."""
-    if config.cache_bytes:
-        check_found_cache(store, config.cache_bytes, config.cache_policy,
-                          fanouts=config.fanouts, seed_nodes=seed_nodes,
-                          batch_size=config.batch_size, seed=seed)
+    anything. Returns the cache's directory (None without a cache)."""
+    if not config.cache_bytes:
+        return None
+    return check_found_cache(store, config.cache_bytes, config.cache_policy,
+                             fanouts=config.fanouts, seed_nodes=seed_nodes,
+                             batch_size=config.batch_size, seed=seed)
 
 
 @contextlib.contextmanager
 def training_cache(store: "GraphStore", config: "SamplingConfig", seed_nodes: np.ndarray | None,
-                   seed: int) -> Iterator[FeatureCache | None]:
+                   seed: int, reserve: int = 0) -> Iterator[FeatureCache | None]:
     """The feature cache of a training run (None when ``config.cache_bytes`` is 0), closed
     (and removed, if this process wrote it) when the run ends; ``seed_nodes``: the seed
-    ids, None for every node."""
+    ids, None for every node; ``reserve``: bytes of shared memory to leave free for the
+    batches in flight."""
     budget = config.cache_bytes
     if budget == 0:
         yield None
         return
     with FeatureCache.build(store, budget, config.cache_policy, fanouts=config.fanouts,
                             seed_nodes=seed_nodes, batch_size=config.batch_size,
-                            seed=seed) as cache:
+                            seed=seed, reserve=reserve) as cache:
         yield cache

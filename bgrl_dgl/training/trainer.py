@@ -58,6 +58,7 @@ from bgrl_dgl.training.distributed import (
     world_from_env,
 )
 from bgrl_dgl.training.host import compute_threads, keep_freed_host_memory
+from bgrl_dgl.training.memory_check import check_machine_memory
 from bgrl_dgl.training.monitor import (
     CollapseWatch,
     MetricsLog,
@@ -349,8 +350,11 @@ def _train_in_group(data: Path, run_dir: Path, config: TrainConfig, store: Graph
     """The body of :func:`train`, inside the process group and the run's lock."""
     # Built before the run directory is created, so that bad settings leave nothing behind.
     trainer, schedule = build_trainer(config, store, run_dir, device, world)
-    check_training_cache(store, config.sampling, schedule.seed_nodes, config.run.seed)
+    cache_dir = check_training_cache(store, config.sampling, schedule.seed_nodes,
+                                     config.run.seed)
     check_found_directory(store, run_dir)
+    plan, plan_lines, plan_warning = check_machine_memory(
+        store, config, world, device.type == "cuda", schedule.num_seeds, cache_dir)
     check_tensorboard(config.run.tensorboard if world.is_main else None)
     resumed = resume_state(run_dir, resume or world.restart_count > 0, world, lock)
     if resumed is not None:
@@ -360,11 +364,16 @@ def _train_in_group(data: Path, run_dir: Path, config: TrainConfig, store: Graph
         truncate_metrics(run_dir / METRICS_FILE, trainer.step)
         write_run_files(run_dir, config, RunInfo(data.resolve(), store.feat_dim,
                                                  store.num_nodes, world.world_size))
+    if plan_lines:
+        print("\n".join(plan_lines), flush=True)
+    if plan_warning:
+        print(plan_warning, file=sys.stderr, flush=True)
     if trainer.step >= trainer.total_steps:
         return {}
     # Built before the loader starts its workers, which attach to them by their paths.
-    with training_cache(store, config.sampling, schedule.seed_nodes,
-                        config.run.seed) as cache, SharedArrays.for_run(store, run_dir) as shared:
+    with training_cache(store, config.sampling, schedule.seed_nodes, config.run.seed,
+                        reserve=plan.shm_needed - plan.cache) as cache, \
+            SharedArrays.for_run(store, run_dir) as shared:
         cache_dir = None if cache is None else cache.directory
         return trainer.fit(batch_loader(config, store, schedule, device, cache_dir, shared))
 

@@ -40,5 +40,5 @@ def test_import_and_first_use_print_nothing(tmp_path):
 def test_help_lists_every_command(cli):
     result = cli("--help")
     assert result.returncode == 0
-    for command in ("prepare", "info", "train", "embed", "evaluate", "report"):
+    for command in ("prepare", "info", "train", "plan", "embed", "evaluate", "report"):
         assert command in result.stdout
