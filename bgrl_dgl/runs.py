@@ -198,16 +198,16 @@ def resume_state(run_dir: Path, resume: bool, world: World,
             if checkpoint is not None:
                 state = load_checkpoint(checkpoint)
                 check_resumable(state, checkpoint)
-                outcome = ("ok", (checkpoint, state))
+                outcome = ("ok", (str(checkpoint), state))
         except InputError as err:
-            outcome = ("error", (err.path, err.problem))
-    outcome = broadcast_object(outcome)
+            outcome = ("error", (None if err.path is None else str(err.path), err.problem))
+    outcome = broadcast_object(outcome)  # plain data and tensors only
     if outcome is None:
         return None
-    kind, value = outcome
+    kind, (path, value) = outcome
     if kind == "error":
-        raise InputError(*value)
-    return value
+        raise InputError(path, value)
+    return Path(path), value
 
 
 def load_run_config(run_dir: str | os.PathLike) -> tuple[TrainConfig, RunInfo]:

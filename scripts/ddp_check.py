@@ -34,6 +34,7 @@ from bgrl_dgl.store.reader import GraphStore
 from bgrl_dgl.training.config import TrainConfig
 from bgrl_dgl.training.distributed import (
     COLLECTIVE_TIMEOUT,
+    destroy_process_group,
     gather_objects,
     process_device,
     target_divergence,
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = check(args)
     finally:
-        dist.destroy_process_group()
+        destroy_process_group()
     if world.is_main:
         print(json.dumps(report), flush=True)
     ok = report["target_divergence"] == 0.0 and report["targets_identical"]

@@ -24,7 +24,6 @@ processes (so never a live peer's).
 """
 from __future__ import annotations
 
-import gc
 import json
 import os
 import re
@@ -35,7 +34,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from bgrl_dgl.errors import RunError
@@ -46,7 +44,7 @@ from bgrl_dgl.io import (
     temp_prefix,
     write_atomic,
 )
-from bgrl_dgl.training.distributed import World
+from bgrl_dgl.training.distributed import World, destroy_process_group, gather_objects
 
 BARRIER_TIMEOUT_ENV = "BGRL_EMBED_BARRIER_TIMEOUT"
 DEFAULT_BARRIER_TIMEOUT = 1800.0  # seconds a rank waits for the others at a barrier
@@ -82,7 +80,6 @@ class RankSession:
         self.group: Any = None
         self.owns_group = False
         self.step = 0
-        self._in_flight: list[torch.Tensor] = []
 
     # ---- setup and teardown ---------------------------------------------------------------
     def __enter__(self) -> "RankSession":
@@ -110,11 +107,9 @@ class RankSession:
                 shutil.rmtree(self.directory, ignore_errors=True)
             self.group = None
             if self.owns_group:
-                # Nothing refers to the group any more: it is freed now, while the peers
-                # are still connected (freed later, its threads wait for peers long gone).
-                gc.collect()
-                dist.destroy_process_group()
-            self._in_flight.clear()
+                # Freed now, while the peers are still connected (freed later, its threads
+                # would wait for peers long gone).
+                destroy_process_group()
 
     def _join_group(self) -> None:
         timeout = timedelta(seconds=self.timeout)
@@ -183,23 +178,11 @@ class RankSession:
         self.gather(None, what)
 
     def _all_gather(self, value: Any, what: str) -> list[Any]:
-        """Every rank's JSON ``value`` through the group. The tensors stay referenced until
-        the group is destroyed: a gloo worker thread that dropped the last reference to one
-        would need the interpreter lock, which the thread destroying the group holds."""
-        data = torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8)
-        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
-        size = torch.tensor([data.numel()], dtype=torch.int64)
+        """Every rank's JSON ``value`` through the group."""
         try:
-            dist.all_gather(sizes, size, group=self.group)
-            longest = max(int(n) for n in sizes)
-            padded = torch.zeros(longest, dtype=torch.uint8)
-            padded[:data.numel()] = data
-            gathered = [torch.zeros(longest, dtype=torch.uint8) for _ in range(self.world_size)]
-            dist.all_gather(gathered, padded, group=self.group)
+            return gather_objects(value, self.group)
         except RuntimeError as err:
             raise RunError(self._failure(what, one_line(err))) from None
-        self._in_flight.extend([size, padded, *sizes, *gathered])
-        return [json.loads(bytes(t[:int(n)].tolist())) for t, n in zip(gathered, sizes)]
 
     def _post(self, step: int, value: Any, what: str) -> None:
         assert self.directory is not None

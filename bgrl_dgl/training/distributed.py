@@ -10,11 +10,21 @@ weights are broadcast when it wraps the model, then every rank applies the same 
 gradients), :func:`average_buffers` makes the batch-norm statistics equal, and every rank
 then applies the same EMA update. :func:`target_divergence` measures the largest difference
 between the ranks' targets, which must stay exactly 0.
+
+The tensors this module hands to its latest collectives stay referenced until the group is
+destroyed (:func:`keep_until_destroyed`). A gloo worker thread that dropped the last reference to a
+tensor made in Python would need the interpreter lock to free it, and the thread destroying
+the group holds that lock while it waits for the worker threads: the process would hang at
+exit (or, with the group left to interpreter shutdown, abort). For the same reason objects
+travel as tensors of this module's own (:func:`gather_objects`, :func:`broadcast_object`),
+not through torch's object collectives, whose tensors the caller cannot keep.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
+import io
 import os
 import sys
 from dataclasses import dataclass
@@ -29,6 +39,13 @@ from bgrl_dgl.errors import InputError, RunError
 
 # A collective that waits longer than this (a rank died or hangs) fails instead of blocking.
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+
+# The tensors of this process's latest collectives, released once the group is destroyed. A
+# worker thread retires a collective right after it completes, so only the latest can still
+# be held there; older ones are let go (a run makes millions of collectives).
+KEPT_COLLECTIVES = 64
+_COLLECTIVE_TENSORS: collections.deque[tuple[torch.Tensor, ...]] = collections.deque(
+    maxlen=KEPT_COLLECTIVES)
 
 
 @dataclass(frozen=True)
@@ -127,28 +144,88 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
         # No rank tears down while a peer still has a collective in flight.
         dist.barrier()
     finally:
-        # DDP holds the group too: whatever still refers to it is freed now, so that its
-        # threads stop while the interpreter is alive (not at shutdown, where they abort).
-        gc.collect()
-        dist.destroy_process_group()
+        destroy_process_group()
+
+
+def destroy_process_group() -> None:
+    """Leave the default group now, while the interpreter is fully alive.
+
+    DDP holds the group too: whatever still refers to it is freed first (a reference cycle
+    would keep it until interpreter shutdown, where its threads abort the process). The
+    tensors of this process's collectives are released only after the group's threads are
+    gone (see the module docstring).
+    """
+    gc.collect()
+    dist.destroy_process_group()
+    _COLLECTIVE_TENSORS.clear()
+
+
+def keep_until_destroyed(*tensors: torch.Tensor) -> None:
+    """Keep ``tensors`` (handed to one collective) referenced until the group is destroyed
+    (the tensors of the latest :data:`KEPT_COLLECTIVES` collectives are kept)."""
+    _COLLECTIVE_TENSORS.append(tensors)
+
+
+def _collective_device(group: Any = None) -> torch.device:
+    """Where a collective's tensors live: the current GPU for NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _encode(value: Any, device: torch.device) -> torch.Tensor:
+    """``value`` (tensors, containers and primitives) as bytes [n] uint8 on ``device``."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return torch.tensor(bytearray(buffer.getvalue()), dtype=torch.uint8, device=device)
+
+
+def _decode(data: torch.Tensor, size: int) -> Any:
+    """The value of :func:`_encode`'s first ``size`` bytes (weights_only: plain data and
+    tensors only)."""
+    raw = bytes(data[:size].cpu().numpy())
+    return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
 
 
 def broadcast_object(value: Any, src: int = 0) -> Any:
-    """Rank ``src``'s ``value`` on every rank (``value`` itself without a process group)."""
+    """Rank ``src``'s ``value`` on every rank (``value`` itself without a process group).
+
+    ``value``: tensors, containers and primitives (what ``torch.load(weights_only=True)``
+    reads back).
+    """
     if not dist.is_initialized():
         return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=src)
-    return holder[0]
+    device = _collective_device()
+    is_src = dist.get_rank() == src
+    data = _encode(value, device) if is_src else torch.zeros(0, dtype=torch.uint8, device=device)
+    size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
+    dist.broadcast(size, src=src)
+    if not is_src:
+        data = torch.zeros(int(size), dtype=torch.uint8, device=device)
+    dist.broadcast(data, src=src)
+    keep_until_destroyed(size, data)
+    return value if is_src else _decode(data, int(size))
 
 
-def gather_objects(value: Any) -> list[Any]:
-    """Every rank's ``value``, in rank order, on every rank (``[value]`` without a group)."""
+def gather_objects(value: Any, group: Any = None) -> list[Any]:
+    """Every rank's ``value`` (as for :func:`broadcast_object`), in rank order, on every rank
+    of ``group`` (default: the default group; ``[value]`` without one)."""
     if not dist.is_initialized():
         return [value]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered
+    device = _collective_device(group)
+    data = _encode(value, device)
+    world_size = dist.get_world_size(group)
+    size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world_size)]
+    dist.all_gather(sizes, size, group=group)
+    longest = max(int(n) for n in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[:data.numel()] = data
+    gathered = [torch.zeros(longest, dtype=torch.uint8, device=device)
+                for _ in range(world_size)]
+    dist.all_gather(gathered, padded, group=group)
+    keep_until_destroyed(size, padded, *sizes, *gathered)
+    return [_decode(part, int(n)) for part, n in zip(gathered, sizes)]
 
 
 def sum_across_ranks(values: Sequence[float], device: torch.device) -> list[float]:
@@ -157,6 +234,7 @@ def sum_across_ranks(values: Sequence[float], device: torch.device) -> list[floa
         return [float(v) for v in values]
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
+    keep_until_destroyed(tensor)
     return tensor.tolist()
 
 
@@ -177,6 +255,7 @@ def average_buffers(module: nn.Module) -> None:
         return
     flat = torch.cat([buf.reshape(-1).double() for buf in buffers])
     dist.all_reduce(flat)
+    keep_until_destroyed(flat)
     flat /= dist.get_world_size()
     offset = 0
     for buf in buffers:
@@ -198,6 +277,7 @@ def target_divergence(module: nn.Module) -> float:
     flat = torch.cat([t.reshape(-1).float() for t in tensors])
     both = torch.cat([flat, -flat])
     dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    keep_until_destroyed(both)
     highest, lowest = both[: flat.numel()], -both[flat.numel():]
     return float((highest - lowest).max())
 
