@@ -2,7 +2,8 @@
 through the machine's :class:`~bgrl_dgl.loading.feature_cache.FeatureCache` of hot rows.
 
 Rows keep the store's dtype here (float16 stays float16 until it reaches a GPU, halving the
-bytes to copy); the loader decides where they become float32.
+bytes to copy); the loader decides where they become float32, and whether the first layer
+gets them as sparse rows (:func:`use_sparse_rows`).
 """
 from __future__ import annotations
 
@@ -11,6 +12,14 @@ from typing import Protocol
 
 import numpy as np
 import torch
+
+# Sparse input rows pay on features at least this wide with less than this share of
+# non-zeros: the first layer's product then costs nnz x out instead of rows x F x out, and
+# extracting the non-zeros costs the sampling worker one pass over the gathered rows.
+SPARSE_MIN_DIM = 256
+SPARSE_MAX_DENSITY = 0.1
+# Rows read (evenly spaced, first and last included) to estimate the density.
+DENSITY_SAMPLE_ROWS = 1024
 
 
 class RowCache(Protocol):
@@ -62,3 +71,26 @@ class FeatureSource:
             return torch.from_numpy(read_rows(self.features, ids)), 0, 0
         rows, hits = self.cache.gather(self.features, ids)
         return torch.from_numpy(rows), hits, len(rows) - hits
+
+
+def feature_density(features: np.ndarray, sample_rows: int = DENSITY_SAMPLE_ROWS) -> float:
+    """The share of non-zero entries in up to ``sample_rows`` evenly spaced rows of
+    ``features`` [N, F] (always the same rows for the same matrix); 1.0 when it is empty."""
+    num_rows = features.shape[0]
+    if num_rows == 0 or features.shape[1] == 0:
+        return 1.0
+    ids = np.unique(np.linspace(0, num_rows - 1, min(num_rows, sample_rows)).astype(np.int64))
+    rows = read_rows(features, ids)
+    return float(np.count_nonzero(rows)) / rows.size
+
+
+def use_sparse_rows(mode: str, features: np.ndarray) -> bool:
+    """Whether training hands the first layer sparse rows: ``on``/``off`` as said; ``auto``
+    when ``features`` [N, F] is at least :data:`SPARSE_MIN_DIM` wide and its sampled
+    density below :data:`SPARSE_MAX_DENSITY`."""
+    if mode in ("on", "off"):
+        return mode == "on"
+    if mode != "auto":
+        raise ValueError(f"sparse input must be auto, on or off, not {mode!r}")
+    return (features.shape[1] >= SPARSE_MIN_DIM
+            and feature_density(features) < SPARSE_MAX_DENSITY)

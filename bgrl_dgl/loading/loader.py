@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 import numpy as np
 import torch
@@ -34,7 +34,11 @@ from bgrl_dgl.config import check_finite, field, parse_size
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.io import process_alive, process_start_time, same_process_alive
 from bgrl_dgl.loading.feature_cache import CachePolicy, FeatureCache, check_found_cache
-from bgrl_dgl.loading.features import FeatureSource
+from bgrl_dgl.loading.features import (
+    SPARSE_MAX_DENSITY,
+    SPARSE_MIN_DIM,
+    FeatureSource,
+)
 from bgrl_dgl.loading.sampler import NeighborBatchSampler, SampledBatch, batch_rng_seed
 from bgrl_dgl.loading.shared_arrays import SharedArrays, map_degrees
 from bgrl_dgl.store.reader import GraphStore, read_node_ids
@@ -42,6 +46,8 @@ from bgrl_dgl.store.reader import GraphStore, read_node_ids
 # Batches each worker keeps outstanding (the DataLoader's prefetch_factor); they travel
 # through shared memory, which the memory plan reserves for them.
 PREFETCH_FACTOR = 2
+
+SparseInput = Literal["auto", "on", "off"]
 
 
 @dataclass
@@ -58,6 +64,11 @@ class SamplingConfig:
                                 "machine's processes (e.g. 2GB; 0 = no cache)", parse=parse_size)
     cache_policy: CachePolicy = field("degree", "which nodes the cache holds: 'degree' (highest "
                                                 "in-degree) or 'sampled' (most often sampled)")
+    sparse_input: SparseInput = field(
+        "auto", "hand the first layer the non-zeros of the feature rows and multiply only "
+                "those: on, off, or auto (on when the features are at least "
+                f"{SPARSE_MIN_DIM} wide and under {SPARSE_MAX_DENSITY:.0%} non-zero, judged "
+                "once per run on a fixed sample of rows)")
 
     def __post_init__(self) -> None:
         check_finite(self)
@@ -69,6 +80,8 @@ class SamplingConfig:
             raise ValueError("batch_size must be positive")
         if self.num_workers < 0:
             raise ValueError("num_workers must be >= 0")
+        if self.sparse_input not in ("auto", "on", "off"):
+            raise ValueError(f"sparse_input must be auto, on or off, not {self.sparse_input!r}")
 
 
 def epoch_permutation(num_seeds: int, seed: int, epoch: int) -> np.ndarray:
@@ -256,6 +269,7 @@ class _StepBatches(Dataset):
         self.independent = loader.independent
         self.cache_dir = loader.cache_dir
         self.float32_features = loader.float32_in_workers
+        self.sparse_rows = loader.sparse_rows
         # The training process, which the workers must not outlive.
         self.trainer = (os.getpid(), process_start_time(os.getpid()))
         self._sampler: NeighborBatchSampler | None = None
@@ -267,7 +281,8 @@ class _StepBatches(Dataset):
         if self.config.graph_degrees and self.degree_files is not None:
             degrees = map_degrees(self.degree_files, store.num_nodes)
         return NeighborBatchSampler(store, self.config.fanouts, self.config.graph_degrees,
-                                    FeatureSource(store.features, cache), degrees=degrees)
+                                    FeatureSource(store.features, cache), degrees=degrees,
+                                    sparse_rows=self.sparse_rows)
 
     def __getitem__(self, item: StepSeeds) -> SampledBatch:
         if self._sampler is None:
@@ -297,11 +312,14 @@ class BatchLoader:
         shared: the machine's shared arrays of the run: the schedule maps its epochs'
             permutations from there (and its seed ids, when they were read from a file), and
             the samplers the degrees (None: each process computes its own).
+        sparse_rows: batches carry the feature rows' non-zeros (extracted by the workers)
+            instead of the dense rows.
     """
 
     def __init__(self, store: GraphStore, config: "SamplingConfig", schedule: SeedSchedule, *,
                  independent_views: bool, device: torch.device = torch.device("cpu"),
-                 cache_dir: Path | None = None, shared: SharedArrays | None = None) -> None:
+                 cache_dir: Path | None = None, shared: SharedArrays | None = None,
+                 sparse_rows: bool = False) -> None:
         self.store = store
         self.config = config
         self.schedule = schedule
@@ -315,6 +333,7 @@ class BatchLoader:
         self.cache_dir = cache_dir
         self.pin_memory = device.type == "cuda"
         self.float32_in_workers = device.type != "cuda"
+        self.sparse_rows = sparse_rows
 
     def batches(self, first_step: int, last_step: int) -> Iterator[SampledBatch]:
         """The batches of global steps ``first_step .. last_step - 1``, in order."""

@@ -24,6 +24,7 @@ import torch
 
 from bgrl_dgl.loading.features import FeatureSource
 from bgrl_dgl.model.adjacency import Adjacency
+from bgrl_dgl.model.sparse import SparseRows
 from bgrl_dgl.store.reader import GraphStore
 
 
@@ -32,7 +33,8 @@ class SampledView:
     """One sampled computation graph: ``adjs[0]`` consumes ``features``.
 
     ``input_nodes``: [adjs[0].num_src] int64 store ids; ``features``: [adjs[0].num_src, F]
-    in the store's dtype (float16 or float32), float32 once moved by :meth:`to`;
+    in the store's dtype (float16 or float32), dense or as sparse rows (their non-zeros),
+    float32 once moved by :meth:`to`;
     ``adjs[-1].num_dst`` equals the number of seed nodes. ``cache_hits`` and
     ``cache_misses`` count the feature rows found in and missing from the feature cache (both 0
     without one).
@@ -40,7 +42,7 @@ class SampledView:
 
     adjs: list[Adjacency]
     input_nodes: torch.Tensor
-    features: torch.Tensor
+    features: torch.Tensor | SparseRows
     cache_hits: int = 0
     cache_misses: int = 0
 
@@ -149,12 +151,16 @@ class NeighborBatchSampler:
         features: where feature rows come from (default: the store's matrix, no cache).
         degrees: the whole-graph (out-degree, in-degree) [N] float32 to attach, e.g. maps of
             the machine's shared files (default: counted here when ``graph_degrees``).
+        sparse_rows: hand over the gathered rows as their non-zeros (:class:`SparseRows`,
+            extracted here, in the sampling worker); the time counts as gathering.
     """
 
     def __init__(self, store: GraphStore, fanouts: list[int], graph_degrees: bool,
                  features: FeatureSource | None = None,
-                 degrees: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                 degrees: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 sparse_rows: bool = False) -> None:
         self.store = store
+        self.sparse_rows = sparse_rows
         self.features = FeatureSource(store.features) if features is None else features
         self.blocks = BlockSampler(store.graph, fanouts)
         self.degrees = None
@@ -167,6 +173,8 @@ class NeighborBatchSampler:
         adjs = [self._adjacency(block) for block in blocks]
         sampled = time.perf_counter()
         features, hits, misses = self.features.gather(input_nodes)
+        if self.sparse_rows:
+            features = SparseRows.from_dense(features)
         view = SampledView(adjs, input_nodes.long(), features, hits, misses)
         return view, sampled - start, time.perf_counter() - sampled
 

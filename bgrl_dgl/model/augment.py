@@ -15,13 +15,15 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from bgrl_dgl.config import check_finite, field
+from bgrl_dgl.model.sparse import SparseRows
 
 if TYPE_CHECKING:
     from bgrl_dgl.model.adjacency import Adjacency
 
     # One augmented view: the sampled blocks (input layer first), their input features
-    # [N, F] and an optional feature-column keep mask [F] bool (see augment_view).
-    View = tuple[list[Adjacency], torch.Tensor, torch.Tensor | None]
+    # [N, F] (dense, or sparse rows) and an optional feature-column keep mask [F] bool (see
+    # augment_view).
+    View = tuple[list[Adjacency], torch.Tensor | SparseRows, torch.Tensor | None]
 
 MaskMode = Literal["column", "element"]
 
@@ -34,7 +36,8 @@ class AugmentConfig:
     mask_mode: MaskMode = field(
         "column",
         "column: zero the same random feature columns for every node of a view (BGRL paper); "
-        "element: mask every feature entry independently")
+        "element: mask every feature entry independently (with sparse input rows only the "
+        "non-zeros are drawn, so the draws differ from those of dense rows)")
     independent_views: bool = field(
         False, "sample a separate neighbourhood for each view instead of sharing one")
 
@@ -74,37 +77,49 @@ def drop_edges(adj: Adjacency, p: float, generator: torch.Generator) -> Adjacenc
     return adj.keep_edges(keep)
 
 
-def feature_keep(x: torch.Tensor, p: float, mode: MaskMode,
+def feature_keep(x: torch.Tensor | SparseRows, p: float, mode: MaskMode,
                  generator: torch.Generator) -> torch.Tensor | None:
     """Keep mask for masking the features of ``x`` [N, F] with probability ``p``.
 
     ``mode="column"``: bool [F], one draw per column, shared by all rows (BGRL paper);
-    ``mode="element"``: bool [N, F], every entry drawn independently. ``None`` when ``p == 0``.
+    ``mode="element"``: bool [N, F], every entry drawn independently, or for sparse rows
+    bool [nnz], one draw per non-zero (zeros stay zero whatever is drawn for them). ``None``
+    when ``p == 0``.
     """
     if mode not in ("column", "element"):
         raise ValueError(f"mask mode must be column or element, got {mode!r}")
     if p == 0.0:
         return None
-    shape = (x.shape[1],) if mode == "column" else tuple(x.shape)
+    if mode == "column":
+        shape: tuple[int, ...] = (x.shape[1],)
+    else:
+        shape = (x.nnz,) if isinstance(x, SparseRows) else tuple(x.shape)
     return _keep_mask(shape, p, generator, x.device)
 
 
-def mask_features(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """``x`` [N, F] with the entries where ``keep`` ([F] columns or [N, F] entries) is False
-    zeroed; a new tensor, or ``x`` itself when ``keep`` is ``None``."""
-    return x if keep is None else x.masked_fill(~keep, 0)
+def mask_features(x: torch.Tensor | SparseRows,
+                  keep: torch.Tensor | None) -> torch.Tensor | SparseRows:
+    """``x`` [N, F] with the entries where ``keep`` is False zeroed (dense rows: [F] columns
+    or [N, F] entries; sparse rows: [nnz] non-zeros); a new object, or ``x`` itself when
+    ``keep`` is ``None``."""
+    if keep is None:
+        return x
+    if isinstance(x, SparseRows):
+        return x.masked(keep)
+    return x.masked_fill(~keep, 0)
 
 
-def augment_view(adjs: list[Adjacency], x: torch.Tensor, p_edge: float, p_feat: float,
-                 mode: MaskMode, generator: torch.Generator) -> View:
+def augment_view(adjs: list[Adjacency], x: torch.Tensor | SparseRows, p_edge: float,
+                 p_feat: float, mode: MaskMode, generator: torch.Generator) -> View:
     """One augmented view ``(blocks, features, column_keep)``: edges dropped in every block,
     input features masked.
 
     ``adjs`` are the blocks of a sampled neighbourhood (input layer first) and ``x``
-    [adjs[0].num_src, F] their input features. An element mask is applied to a copy of ``x``
-    and ``column_keep`` is ``None``; a column mask is returned as ``column_keep`` bool [F]
-    with ``x`` itself, for the encoder to fold into its first layer's weights (equal to
-    zeroing the columns, without a masked copy of the largest tensor of the step).
+    [adjs[0].num_src, F] their input features (dense, or sparse rows). An element mask is
+    applied to a copy of ``x`` and ``column_keep`` is ``None``; a column mask is returned as
+    ``column_keep`` bool [F] with ``x`` itself, for the encoder to fold into its first
+    layer's weights (equal to zeroing the columns, without a masked copy of the largest
+    tensor of the step).
     """
     dropped = [drop_edges(adj, p_edge, generator) for adj in adjs]
     keep = feature_keep(x, p_feat, mode, generator)

@@ -16,6 +16,7 @@ from torch import nn
 from bgrl_dgl.config import check_finite, field
 from bgrl_dgl.model.adjacency import Adjacency
 from bgrl_dgl.model.conv import GATConv, GCNConv, SAGEConv
+from bgrl_dgl.model.sparse import SparseRows, dropout_values
 
 
 @dataclass
@@ -96,16 +97,19 @@ class Encoder(nn.Module):
             self.norms.append(make_norm(config.norm if activated else "none", size))
             self.activations.append(nn.PReLU() if activated else nn.Identity())
 
-    def layer_forward(self, i: int, adj: Adjacency, h: torch.Tensor,
+    def layer_forward(self, i: int, adj: Adjacency, h: torch.Tensor | SparseRows,
                       input_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Layer ``i``: h [adj.num_src, in] -> [adj.num_dst, out] (convolution, norm, PReLU);
-        ``input_scale`` [in] scales the columns of ``h`` inside the convolution's weights."""
-        h = self.convs[i](adj, self.dropout(h), input_scale)
+        ``input_scale`` [in] scales the columns of ``h`` inside the convolution's weights.
+        Sparse rows (a first layer's wide sparse input) get dropout on their non-zeros."""
+        h = dropout_values(h, self.dropout) if isinstance(h, SparseRows) else self.dropout(h)
+        h = self.convs[i](adj, h, input_scale)
         return self.activations[i](self.norms[i](h))
 
-    def forward(self, adjs: list[Adjacency], x: torch.Tensor,
+    def forward(self, adjs: list[Adjacency], x: torch.Tensor | SparseRows,
                 column_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """x [adjs[0].num_src, in_dim] float -> [adjs[-1].num_dst, out_dim].
+        """x [adjs[0].num_src, in_dim] float, dense or sparse rows -> [adjs[-1].num_dst,
+        out_dim].
 
         ``column_keep`` [in_dim] bool: a view's feature-column mask; the result equals the
         forward of ``x`` with the other columns zeroed, as the mask is folded into the first

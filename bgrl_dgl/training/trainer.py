@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from bgrl_dgl import config as cfg
 from bgrl_dgl.errors import InputError, RunError
+from bgrl_dgl.loading.features import use_sparse_rows
 from bgrl_dgl.loading.loader import (
     BatchLoader,
     SeedSchedule,
@@ -319,10 +320,12 @@ def batch_loader(config: TrainConfig, store: GraphStore, schedule: SeedSchedule,
                  device: torch.device, cache_dir: Path | None = None,
                  shared: SharedArrays | None = None) -> BatchLoader:
     """The loader of a training process's batches (``cache_dir``: the machine's feature cache;
-    ``shared``: the machine's whole-graph arrays of the run)."""
+    ``shared``: the machine's whole-graph arrays of the run); ``--sparse-input`` decides
+    here, once, whether they carry sparse rows."""
+    sparse = use_sparse_rows(config.sampling.sparse_input, store.features)
     return BatchLoader(store, config.sampling, schedule,
                        independent_views=config.augment.independent_views, device=device,
-                       cache_dir=cache_dir, shared=shared)
+                       cache_dir=cache_dir, shared=shared, sparse_rows=sparse)
 
 
 def train(data: str | Path, run_dir: str | Path, config: TrainConfig, *, resume: bool = False,

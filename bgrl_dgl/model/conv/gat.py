@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bgrl_dgl.model.adjacency import Adjacency, segment_softmax, weighted_sum
-from bgrl_dgl.model.conv.common import check_rows, scaled_linear
+from bgrl_dgl.model.conv.common import Rows, check_rows, scaled_linear
 
 
 class GATConv(nn.Module):
@@ -35,7 +35,7 @@ class GATConv(nn.Module):
         for weight in (self.fc.weight, self.attn_l, self.attn_r):
             nn.init.xavier_normal_(weight, gain=gain)
 
-    def forward(self, adj: Adjacency, x: torch.Tensor,
+    def forward(self, adj: Adjacency, x: Rows,
                 input_scale: torch.Tensor | None = None) -> torch.Tensor:
         """x [num_src, in_dim] -> [num_dst, out_dim]; ``input_scale`` [in_dim]: the layer
         of ``x * input_scale``, folded into the projection."""

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from bgrl_dgl.model.adjacency import Adjacency, weighted_sum
-from bgrl_dgl.model.conv.common import check_rows
+from bgrl_dgl.model.conv.common import Rows, check_rows, matmul
+from bgrl_dgl.model.sparse import SparseRows
 
 
 class GCNConv(nn.Module):
@@ -28,10 +29,11 @@ class GCNConv(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_dim))
         nn.init.xavier_uniform_(self.weight)
 
-    def forward(self, adj: Adjacency, x: torch.Tensor,
+    def forward(self, adj: Adjacency, x: Rows,
                 input_scale: torch.Tensor | None = None) -> torch.Tensor:
         """x [num_src, in_dim] -> [num_dst, out_dim]; ``input_scale`` [in_dim]: the layer
-        of ``x * input_scale``, folded into the weight."""
+        of ``x * input_scale``, folded into the weight. Sparse rows are always projected
+        first (over their non-zeros), then aggregated."""
         check_rows(adj, x)
         weight = self.weight if input_scale is None else self.weight * input_scale.unsqueeze(-1)
         if self.self_loops:
@@ -40,8 +42,8 @@ class GCNConv(nn.Module):
         src_scale = src_degree.clamp(min=1).rsqrt().to(x.dtype)
         # The source normalisation never scales a copy of x (the step's largest tensor on a
         # wide input): it scales the projected rows, or weights the edges.
-        if self._project_first(adj):
-            h = weighted_sum(adj, None, (x @ weight) * src_scale.unsqueeze(-1))
+        if isinstance(x, SparseRows) or self._project_first(adj):
+            h = weighted_sum(adj, None, matmul(x, weight) * src_scale.unsqueeze(-1))
         else:
             h = weighted_sum(adj, src_scale[adj.indices], x) @ weight
         return h * dst_degree.clamp(min=1).rsqrt().to(h.dtype).unsqueeze(-1) + self.bias
