@@ -7,14 +7,18 @@ of the first block, whose features are read and multiplied) and of first-layer d
 per seed, the time per step split into sampling + feature gathering (which a sampling
 worker overlaps with compute in a real run) and compute, and the time per seed. The arms of
 one store run in one process, one after the other, so compare them within a run; the load
-average is printed with every arm. Last line: one JSON object.
+average is printed with every arm. ``--sparse-input off,on`` measures every batch size with
+dense and with sparse input rows (the extraction of the non-zeros counts as feature
+gathering). Last line: one JSON object.
 
     .venv/bin/python scripts/bench_batch.py --store data/cora --store data/syn22k \\
-        [--batch-sizes 256,512,1024,2048] [--steps 6] [--warmup 2] [--threads 1]
+        [--batch-sizes 256,512,1024,2048] [--steps 6] [--warmup 2] [--threads 1] \\
+        [--sparse-input auto|on|off|off,on]
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import tempfile
@@ -33,11 +37,12 @@ CPU = torch.device("cpu")
 
 
 def measure(store: GraphStore, batch_size: int, steps: int, warmup: int,
-            threads: int, compute: bool = True) -> dict[str, float]:
+            threads: int, compute: bool = True, sparse_input: str = "auto") -> dict[str, float]:
     """Mean figures of ``steps`` BGRL steps after ``warmup`` uncounted ones (without
     ``compute``: of the sampled batches only, with no training step)."""
     config = TrainConfig.defaults()
     config.sampling.batch_size = batch_size
+    config.sampling.sparse_input = sparse_input
     config.sampling.num_workers = 0
     config.run.threads = threads
     config.optim.max_steps = warmup + steps
@@ -60,6 +65,8 @@ def measure(store: GraphStore, batch_size: int, steps: int, warmup: int,
     step_s = (total["sample_s"] + total["compute_s"]) / len(counted)
     return {
         "batch_size": batch_size,
+        "sparse_input": sparse_input,
+        "sparse_rows": loader.sparse_rows,
         "seeds_per_step": seeds / len(counted),
         "input_rows_per_seed": total["inputs"] / seeds,
         "input_share_of_graph": total["inputs"] / len(counted) / store.num_nodes,
@@ -81,6 +88,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="compute threads (default 1: what a default run on 2 cores "
                              "leaves next to its sampling worker)")
+    parser.add_argument("--sparse-input", default="auto",
+                        help="comma-separated settings of --sparse-input to measure (auto, on, "
+                             "off), each an arm of every batch size")
     parser.add_argument("--sample-only", action="store_true",
                         help="measure the sampled batches only (input rows), no training step")
     args = parser.parse_args()
@@ -90,13 +100,15 @@ def main() -> None:
         store = GraphStore.open(path)
         print(f"{path}: {store.num_nodes:,} nodes, {store.num_edges:,} edges, "
               f"{store.feat_dim}-d {np.dtype(store.features.dtype).name}", flush=True)
-        for size in sizes:
+        for size, sparse in itertools.product(sizes, args.sparse_input.split(",")):
             start = time.perf_counter()
             row = {"store": str(path), "num_nodes": store.num_nodes, "feat_dim": store.feat_dim,
                    **measure(store, size, args.steps, args.warmup, args.threads,
-                              not args.sample_only)}
+                              not args.sample_only, sparse)}
             results.append(row)
-            print(f"  batch {size:5d}: {row['input_rows_per_seed']:6.1f} input rows/seed "
+            rows = "sparse" if row["sparse_rows"] else "dense"
+            print(f"  batch {size:5d}, {rows:6s}: {row['input_rows_per_seed']:6.1f} input rows/seed"
+                  f" "
                   f"({100 * row['input_share_of_graph']:.0f}% of the graph), "
                   f"{row['layer1_rows_per_seed']:5.2f} layer-1 rows/seed, step "
                   f"{row['step_s']:.2f} s (sampling+features {row['sample_s_per_step']:.2f}, "

@@ -105,7 +105,7 @@ def mask_features(x: torch.Tensor | SparseRows,
     if keep is None:
         return x
     if isinstance(x, SparseRows):
-        return x.masked(keep)
+        return x.keep_entries(keep)
     return x.masked_fill(~keep, 0)
 
 
@@ -119,10 +119,13 @@ def augment_view(adjs: list[Adjacency], x: torch.Tensor | SparseRows, p_edge: fl
     applied to a copy of ``x`` and ``column_keep`` is ``None``; a column mask is returned as
     ``column_keep`` bool [F] with ``x`` itself, for the encoder to fold into its first
     layer's weights (equal to zeroing the columns, without a masked copy of the largest
-    tensor of the step).
+    tensor of the step). Sparse rows lose the non-zeros of masked columns (or the masked
+    non-zeros) instead, so that the first layer skips them; ``column_keep`` is then ``None``.
     """
     dropped = [drop_edges(adj, p_edge, generator) for adj in adjs]
     keep = feature_keep(x, p_feat, mode, generator)
+    if isinstance(x, SparseRows) and keep is not None:
+        return dropped, x.keep_columns(keep) if mode == "column" else x.keep_entries(keep), None
     if mode == "column":
         return dropped, x, keep
     return dropped, mask_features(x, keep), None

@@ -42,8 +42,10 @@ class GCNConv(nn.Module):
         src_scale = src_degree.clamp(min=1).rsqrt().to(x.dtype)
         # The source normalisation never scales a copy of x (the step's largest tensor on a
         # wide input): it scales the projected rows, or weights the edges.
-        if isinstance(x, SparseRows) or self._project_first(adj):
-            h = weighted_sum(adj, None, matmul(x, weight) * src_scale.unsqueeze(-1))
+        if isinstance(x, SparseRows):  # the narrow projection first, scaled on the edges
+            h = weighted_sum(adj, src_scale[adj.indices], matmul(x, weight))
+        elif self._project_first(adj):
+            h = weighted_sum(adj, None, (x @ weight) * src_scale.unsqueeze(-1))
         else:
             h = weighted_sum(adj, src_scale[adj.indices], x) @ weight
         return h * dst_degree.clamp(min=1).rsqrt().to(h.dtype).unsqueeze(-1) + self.bias
