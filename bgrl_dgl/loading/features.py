@@ -8,11 +8,12 @@ gets them as sparse rows (:func:`use_sparse_rows`).
 from __future__ import annotations
 
 import mmap
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
 
+SparseInput = Literal["auto", "on", "off"]
 # Sparse input rows pay on features at least this wide with less than this share of
 # non-zeros: the first layer's product then costs nnz x out instead of rows x F x out, and
 # extracting the non-zeros costs the sampling worker one pass over the gathered rows.
@@ -84,7 +85,7 @@ def feature_density(features: np.ndarray, sample_rows: int = DENSITY_SAMPLE_ROWS
     return float(np.count_nonzero(rows)) / rows.size
 
 
-def use_sparse_rows(mode: str, features: np.ndarray) -> bool:
+def use_sparse_rows(mode: SparseInput, features: np.ndarray) -> bool:
     """Whether training hands the first layer sparse rows: ``on``/``off`` as said; ``auto``
     when ``features`` [N, F] is at least :data:`SPARSE_MIN_DIM` wide and its sampled
     density below :data:`SPARSE_MAX_DENSITY`."""

@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -34,11 +34,7 @@ from bgrl_dgl.config import check_finite, field, parse_size
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.io import process_alive, process_start_time, same_process_alive
 from bgrl_dgl.loading.feature_cache import CachePolicy, FeatureCache, check_found_cache
-from bgrl_dgl.loading.features import (
-    SPARSE_MAX_DENSITY,
-    SPARSE_MIN_DIM,
-    FeatureSource,
-)
+from bgrl_dgl.loading.features import SPARSE_MAX_DENSITY, SPARSE_MIN_DIM, FeatureSource, SparseInput
 from bgrl_dgl.loading.sampler import NeighborBatchSampler, SampledBatch, batch_rng_seed
 from bgrl_dgl.loading.shared_arrays import SharedArrays, map_degrees
 from bgrl_dgl.store.reader import GraphStore, read_node_ids
@@ -46,8 +42,6 @@ from bgrl_dgl.store.reader import GraphStore, read_node_ids
 # Batches each worker keeps outstanding (the DataLoader's prefetch_factor); they travel
 # through shared memory, which the memory plan reserves for them.
 PREFETCH_FACTOR = 2
-
-SparseInput = Literal["auto", "on", "off"]
 
 
 @dataclass
