@@ -8,6 +8,7 @@ duration of a command with :func:`progress_mode`; library code asks for a bar wi
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import weakref
@@ -58,3 +59,10 @@ def progress_bar(iterable: Iterable[Any] | None = None, *, total: float | None =
     if not bar.disable:
         _drawn.add(bar)
     return bar
+
+
+def add_progress_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``--progress/--no-progress`` option of a command that shows progress bars."""
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bars on stderr (default: only when it is a terminal; "
+                             "never with --json)")
