@@ -8,6 +8,7 @@ run can remove those of dead processes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -153,3 +154,19 @@ def read_json(path: Path) -> Any:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise InputError(path, f"unreadable ({err})") from None
 
+
+def allocate_file(fd: int, path: Path, size: int) -> None:
+    """Allocate the first ``size`` bytes of the open file ``fd`` (at ``path``) on disk, so that
+    writing them through a memory map cannot die of SIGBUS on a full disk: a full disk shows
+    here, as an InputError. Where the file system cannot allocate ahead, the file is only
+    extended to ``size`` (sparse)."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InputError(path, f"cannot allocate {size:,} bytes: "
+                                   f"{os.strerror(err.errno)}") from None
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        if os.fstat(fd).st_size < size:
+            os.ftruncate(fd, size)

@@ -12,7 +12,6 @@ there the columns are relabelled on the GPU.
 """
 from __future__ import annotations
 
-import errno
 import os
 import warnings
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bgrl_dgl.errors import InputError
+from bgrl_dgl.io import allocate_file
 
 Rows = Union[slice, np.ndarray]  # consecutive ids [lo, hi), or ascending int64 ids
 SCRATCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -45,19 +44,13 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def allocate(path: Path, size: int) -> None:
-    """Create the file ``path`` of ``size`` bytes with its blocks allocated: writing through
-    a memory map then costs no block allocation per page, and a full disk shows here (an
-    InputError) rather than as SIGBUS on a later page."""
+    """Create the file ``path`` of ``size`` bytes with its blocks allocated (see
+    :func:`bgrl_dgl.io.allocate_file`): writing through a memory map then costs no block
+    allocation per page."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.ftruncate(fd, size)
-        os.posix_fallocate(fd, 0, size)
-    except OSError as err:
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise InputError(path, f"cannot allocate {size:,} bytes: "
-                                   f"{os.strerror(err.errno)}") from None
-        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # else: a sparse file
-            raise
+        allocate_file(fd, path, size)
     finally:
         os.close(fd)
 

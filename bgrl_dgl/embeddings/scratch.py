@@ -10,8 +10,6 @@ and stale scratch directories of dead processes are removed before the space is 
 from __future__ import annotations
 
 import contextlib
-import errno
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,10 +18,9 @@ from typing import Iterator
 import numpy as np
 
 from bgrl_dgl.errors import InputError
-from bgrl_dgl.io import remove_stale_temp_files, temp_prefix
+from bgrl_dgl.io import allocate_file, remove_stale_temp_files, temp_prefix
 
 SCRATCH_NAME = "scratch-"
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def existing_ancestor(path: Path) -> Path:
@@ -66,13 +63,7 @@ def allocate_array(path: Path, dtype: np.dtype | str, shape: tuple[int, ...]) ->
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     with open(path, "wb") as handle:
         if nbytes:
-            try:
-                os.posix_fallocate(handle.fileno(), 0, nbytes)
-            except OSError as err:
-                if err.errno in DISK_FULL:
-                    raise InputError(path, f"cannot allocate {nbytes:,} bytes: "
-                                           f"{os.strerror(err.errno)}") from None
-                handle.truncate(nbytes)  # no fallocate on this file system: sparse, as before
+            allocate_file(handle.fileno(), path, nbytes)
     if not nbytes:
         return np.zeros(shape, dtype=dtype)  # mmap cannot map an empty file
     return np.memmap(path, dtype=dtype, mode="r+", shape=shape)

@@ -63,7 +63,12 @@ import numpy as np
 import torch
 
 from bgrl_dgl.errors import InputError
-from bgrl_dgl.io import atomic_path, remove_stale_temp_files, same_process_alive
+from bgrl_dgl.io import (
+    allocate_file,
+    atomic_path,
+    remove_stale_temp_files,
+    same_process_alive,
+)
 from bgrl_dgl.loading.cache_files import (
     META_FILE,
     check_directory,
@@ -116,7 +121,7 @@ def write_permutation(path: Path, num_seeds: int, seed: int, epoch: int) -> None
     with open(path, "x+b") as handle:  # read and write: a shared map needs both
         handle.write(header)
         handle.flush()
-        os.posix_fallocate(handle.fileno(), 0, size)
+        allocate_file(handle.fileno(), path, size)
         if num_seeds == 0:
             return
         with mmap.mmap(handle.fileno(), size) as mapped:
