@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from bgrl_dgl.io import allocate_file
+from bgrl_dgl.store.reader import count_out_degrees
 
 Rows = Union[slice, np.ndarray]  # consecutive ids [lo, hi), or ascending int64 ids
 SCRATCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -97,16 +98,10 @@ class GraphArrays:
     def out_degree(self, rows: Rows) -> np.ndarray:
         """[B] float32 whole-graph out-degrees of ``rows``."""
         if self.given_out is None and not self.symmetric:
-            self.given_out = self._count_out_degrees()
+            self.given_out = count_out_degrees(self.indices, self.num_nodes).astype(np.float32)
         if self.given_out is None:
             return self.in_edge_counts(rows).astype(np.float32)
         return np.asarray(self.given_out[rows], dtype=np.float32)
-
-    def _count_out_degrees(self, chunk: int = 1 << 26) -> np.ndarray:
-        counts = np.zeros(self.num_nodes, dtype=np.int64)
-        for start in range(0, self.indices.shape[0], chunk):
-            counts += np.bincount(self.indices[start:start + chunk], minlength=self.num_nodes)
-        return counts.astype(np.float32)
 
 
 class NodeTables:

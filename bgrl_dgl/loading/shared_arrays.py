@@ -87,9 +87,8 @@ if TYPE_CHECKING:
 SHARED_PREFIX = "bgrl-dgl-shared-"
 IN_DEGREE_FILE, OUT_DEGREE_FILE = "in_degree.npy", "out_degree.npy"
 PERMUTATION_FILE = re.compile(r"perm-(\d+)-(\d+)-(\d+)\.npy")
-# Positions written at a time when an order is filled, and edges counted at a time.
+# Positions written at a time when an order is filled.
 FILL_CHUNK = 1 << 22
-EDGE_CHUNK = 1 << 26
 
 
 def not_shared_arrays(path: Path, why: str) -> InputError:
@@ -154,11 +153,8 @@ def write_in_degrees(path: Path, store: "GraphStore") -> None:
 def write_out_degrees(path: Path, store: "GraphStore") -> None:
     """Write the out-degree of every node, [N] float32, to ``path``, counted over indices in
     chunks."""
-    counts = np.zeros(store.num_nodes, dtype=np.int64)
-    for start in range(0, store.num_edges, EDGE_CHUNK):
-        counts += np.bincount(store.indices[start:start + EDGE_CHUNK], minlength=store.num_nodes)
     writer = NpyWriter(path, np.float32)
-    writer.append(counts)
+    writer.append(store.out_degrees())
     writer.close()
 
 

@@ -258,10 +258,7 @@ class GraphStore:
         else counted over ``indices`` in chunks of ``chunk_edges``."""
         if self.symmetrized:
             return self.in_degrees()
-        counts = np.zeros(self.num_nodes, dtype=np.int64)
-        for start in range(0, self.num_edges, chunk_edges):
-            counts += np.bincount(self.indices[start:start + chunk_edges], minlength=self.num_nodes)
-        return counts
+        return count_out_degrees(self.indices, self.num_nodes, chunk_edges)
 
     # ---- validation ------------------------------------------------------------------
     def validate(self, full: bool) -> None:
@@ -376,3 +373,13 @@ def read_node_ids(path: str | os.PathLike, num_nodes: int, what: str = "node ids
     if ids[0] < 0 or ids[-1] >= num_nodes:
         raise InputError(path, f"{what} must be store indices in [0, {num_nodes})")
     return ids
+
+
+def count_out_degrees(indices: np.ndarray, num_nodes: int,
+                      chunk_edges: int = 1 << 26) -> np.ndarray:
+    """[num_nodes] int64: how often each node is a source in the CSC ``indices`` [E] (a
+    memmap is read in chunks of ``chunk_edges``)."""
+    counts = np.zeros(num_nodes, dtype=np.int64)
+    for start in range(0, len(indices), chunk_edges):
+        counts += np.bincount(indices[start:start + chunk_edges], minlength=num_nodes)
+    return counts
