@@ -177,7 +177,10 @@ def _encode(value: Any, device: torch.device) -> torch.Tensor:
     """``value`` (tensors, containers and primitives) as bytes [n] uint8 on ``device``."""
     buffer = io.BytesIO()
     torch.save(value, buffer)
-    return torch.tensor(bytearray(buffer.getvalue()), dtype=torch.uint8, device=device)
+    # A copy of its own: a tensor over the Python buffer would need the interpreter lock to
+    # be freed (see the module docstring).
+    data = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8).clone()
+    return data.to(device)
 
 
 def _decode(data: torch.Tensor, size: int) -> Any:
