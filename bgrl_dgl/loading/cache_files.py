@@ -150,6 +150,17 @@ def open_cache_files(directory: Path,
     return meta, rows, slots
 
 
+def lock_if_current(fd: int, path: Path) -> bool:
+    """Take an exclusive ``flock`` on ``fd`` (opened from ``path``), waiting for it; whether
+    ``path`` still names the locked file (not when its owner removed or replaced it while
+    this process waited: lock the new one instead)."""
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        return os.lstat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
 def lock_path(directory: Path) -> Path:
     """The lock file of the writers of the cache ``directory``, beside it."""
     return directory.with_name(directory.name + ".lock")
@@ -174,11 +185,7 @@ def writer_lock(directory: Path) -> Iterator[None]:
                               else err.strerror or str(err)) from None
         try:
             check_private(path, os.fstat(fd), "file")
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                current = os.lstat(path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                current = False
+            current = lock_if_current(fd, path)
         except BaseException:
             os.close(fd)
             raise

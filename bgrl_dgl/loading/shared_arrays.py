@@ -48,7 +48,6 @@ writers.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import mmap
@@ -73,6 +72,7 @@ from bgrl_dgl.loading.cache_files import (
     META_FILE,
     check_directory,
     check_private,
+    lock_if_current,
     map_array,
     owner_record,
     private_temp_dir,
@@ -269,12 +269,7 @@ class SharedArrays:
                 raise not_shared_arrays(self.directory, err.strerror or str(err)) from None
             try:
                 check_private(self.directory, os.fstat(fd), "directory", not_shared_arrays)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                try:
-                    current = os.lstat(self.directory).st_ino == os.fstat(fd).st_ino
-                except FileNotFoundError:
-                    current = False
-                if current:
+                if lock_if_current(fd, self.directory):
                     yield
                     return
             finally:
