@@ -82,17 +82,27 @@ def format_bytes(count: float) -> str:
     raise AssertionError("unreachable")
 
 
-def available_memory() -> int | None:
-    """Bytes this process can still allocate: MemAvailable, lowered by a cgroup limit."""
-    amounts = []
+def read_meminfo() -> dict[str, int]:
+    """The byte counts of /proc/meminfo by name (MemTotal, MemAvailable, ...); empty where it
+    cannot be read."""
+    info: dict[str, int] = {}
     try:
         with open("/proc/meminfo", encoding="ascii") as file:
             for line in file:
-                if line.startswith("MemAvailable:"):
-                    amounts.append(int(line.split()[1]) * 1024)
-                    break
+                name, _, value = line.partition(":")
+                if value.strip():
+                    info[name] = int(value.split()[0]) * 1024
     except (OSError, ValueError, IndexError):
-        pass
+        return {}
+    return info
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: MemAvailable, lowered by a cgroup limit."""
+    amounts = []
+    meminfo = read_meminfo()
+    if "MemAvailable" in meminfo:
+        amounts.append(meminfo["MemAvailable"])
     limit = _cgroup_room()
     if limit is not None:
         amounts.append(limit)

@@ -9,6 +9,7 @@ from typing import Mapping
 
 from bgrl_dgl.errors import InputError
 from bgrl_dgl.loading.feature_cache import default_cache_root
+from bgrl_dgl.store.capacity import available_memory, read_meminfo
 from bgrl_dgl.store.reader import GraphStore
 from bgrl_dgl.training.config import TrainConfig
 from bgrl_dgl.training.distributed import World, auto_device, gather_objects
@@ -34,19 +35,17 @@ def _override(environ: Mapping[str, str], name: str, measured: int) -> int:
 
 def measure_machine(shm_path: Path | None = None,
                     environ: Mapping[str, str] | None = None) -> MachineMemory:
-    """This machine's memory: MemTotal and MemAvailable of /proc/meminfo, the size and free
+    """This machine's memory: MemTotal of /proc/meminfo, the RAM available as ``prepare``
+    sees it (MemAvailable, lowered by the cgroup's limit when it has one), the size and free
     bytes of ``shm_path`` (default: where the feature cache goes, /dev/shm); ``RAM_ENV`` and
     ``SHM_ENV`` in ``environ`` replace the available RAM and the free shared memory."""
     environ = os.environ if environ is None else environ
     shm_path = default_cache_root() if shm_path is None else Path(shm_path)
-    info: dict[str, int] = {}
-    with open("/proc/meminfo", encoding="ascii") as meminfo:
-        for line in meminfo:
-            name, _, value = line.partition(":")
-            if value.strip():
-                info[name] = int(value.split()[0]) * 1024
+    info = read_meminfo()
     stat = os.statvfs(shm_path)
-    available = info.get("MemAvailable", info.get("MemFree", 0))
+    available = available_memory()
+    if available is None:
+        available = info.get("MemFree", 0)
     return MachineMemory(
         ram_total=info.get("MemTotal", 0),
         ram_available=_override(environ, RAM_ENV, available),
