@@ -107,8 +107,8 @@ def main() -> None:
                               not args.sample_only, sparse)}
             results.append(row)
             rows = "sparse" if row["sparse_rows"] else "dense"
-            print(f"  batch {size:5d}, {rows:6s}: {row['input_rows_per_seed']:6.1f} input rows/seed"
-                  f" "
+            print(f"  batch {size:5d}, {rows:6s}: "
+                  f"{row['input_rows_per_seed']:6.1f} input rows/seed "
                   f"({100 * row['input_share_of_graph']:.0f}% of the graph), "
                   f"{row['layer1_rows_per_seed']:5.2f} layer-1 rows/seed, step "
                   f"{row['step_s']:.2f} s (sampling+features {row['sample_s_per_step']:.2f}, "
